@@ -1,0 +1,503 @@
+"""Maximum-likelihood fitting with autograd: what "a fit" is.
+
+The recipe of torch.distributions' constraint registry: each free parameter is a tensor `u` in
+unconstrained space, mapped to its natural value with `transform_to(constraint)(u)`; start values go
+the other way with `.inv`. The objective is the mean negative log-likelihood (so a learning rate
+means the same at every sample size); the trace records, per step, the total NLL, every natural
+parameter and the partial derivative of the mean NLL with respect to it (∂NLL/∂μ, ∂NLL/∂σ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, transform_to
+from torch.distributions.constraints import Constraint
+
+from tasks.errors import InputError
+from tasks.families import DataBounds, Family
+
+Optimizer = Literal["lbfgs", "adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = ("lbfgs", "adam", "sgd")
+DEFAULT_LR: Mapping[str, float] = {"lbfgs": 1.0, "adam": 0.05, "sgd": 0.1}
+MAX_POLISH_ROUNDS = 10
+MAX_STEP_HALVINGS = 40
+ParamValue = float | list[float]
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """When a fit has converged. `gtol`: largest |∂ mean NLL / ∂u| over the unconstrained
+    parameters; `ftol`: relative change of the mean NLL over one step."""
+
+    gtol: float
+    ftol: float
+
+    @staticmethod
+    def for_dtype(dtype: torch.dtype, gtol: float | None = None, ftol: float | None = None) -> Tolerances:
+        default = Tolerances(1e-8, 1e-12) if dtype == torch.float64 else Tolerances(1e-4, 1e-7)
+        return Tolerances(gtol if gtol is not None else default.gtol, ftol if ftol is not None else default.ftol)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without it is an InputError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} requested but CUDA is not available here; valid: auto, cpu")
+        return torch.device(device)
+    raise InputError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    choices = {"float64": torch.float64, "float32": torch.float32}
+    if dtype not in choices:
+        raise InputError(f"unknown dtype {dtype!r}; valid: {', '.join(choices)}")
+    return choices[dtype]
+
+
+@dataclass(frozen=True)
+class Observations:
+    """Exact observations with optional frequency weights, on the fitting device and dtype."""
+
+    values: Tensor
+    weights: Tensor | None = None
+
+    @property
+    def total_weight(self) -> float:
+        return float(self.values.numel() if self.weights is None else self.weights.sum())
+
+    def log_likelihood(self, dist: Distribution) -> Tensor:
+        """Total log-likelihood (a 0-d tensor)."""
+        log_density = dist.log_prob(self.values)
+        if self.weights is not None:
+            return (self.weights * log_density).sum()
+        return log_density.sum()
+
+    def bounds(self) -> DataBounds:
+        return DataBounds(min=float(self.values.min()), max=float(self.values.max()))
+
+
+def flat_labels(name: str, shape: tuple[int, ...]) -> list[str]:
+    """Names of a parameter's scalar components: `scale`, or `logits_1`, `logits_2`... for vectors
+    (numbered from 1: category 0 is the reference)."""
+    if shape == ():
+        return [name]
+    return [f"{name}_{i + 1}" for i in range(math.prod(shape))]
+
+
+class ParameterSpace:
+    """The family's parameters for one data set: which are fixed, their constraints (which may
+    depend on the data and on each other), start values, and the map u -> natural values."""
+
+    def __init__(
+        self,
+        family: Family,
+        observations: Observations,
+        fixed: Mapping[str, ParamValue] | None = None,
+        init: Mapping[str, ParamValue] | None = None,
+        held: Mapping[str, Tensor] | None = None,
+    ):
+        self.family = family
+        self.bounds = observations.bounds()
+        values = observations.values
+        self.dtype, self.device = values.dtype, values.device
+        self.shapes = family.shapes(values)
+        fixed, init = dict(fixed or {}), dict(init or {})
+        for kind, given in (("fixed", fixed), ("initial", init)):
+            unknown = sorted(set(given) - set(family.params))
+            if unknown:
+                raise InputError(
+                    f"unknown parameter {unknown[0]!r} in the {kind} values for {family.name}; "
+                    f"valid: {', '.join(family.params)}"
+                )
+        for name in family.required_fixed:
+            if name not in fixed:
+                raise InputError(f"{family.name} needs a fixed {name}: give --fix {name}=VALUE")
+        self.fixed = {name: self._tensor(name, value, "fixed") for name, value in fixed.items()}
+        self.held = dict(held or {})
+        self.free = tuple(name for name in family.params if name not in self.fixed)
+        self.optimised = tuple(name for name in self.free if name not in self.held)
+        self.start = self._resolve_start(values, {name: self._tensor(name, v, "initial") for name, v in init.items()})
+
+    def _tensor(self, name: str, value: ParamValue | Tensor, kind: str) -> Tensor:
+        try:
+            tensor = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"{kind} value of {name} must be a number, got {value!r}") from None
+        shape = self.shapes[name]
+        if tensor.shape != shape:
+            if shape == () or tensor.numel() != math.prod(shape):
+                raise InputError(
+                    f"{kind} value of {name} for {self.family.name} must have {math.prod(shape)} component(s), "
+                    f"got {tensor.numel()}"
+                )
+            tensor = tensor.reshape(shape)
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{kind} value of {name} must be finite, got {value!r}")
+        return tensor
+
+    def constraint(self, name: str, known: Mapping[str, Tensor]) -> Constraint:
+        return self.family.constraint(name, self.bounds, known)
+
+    def _resolve_start(self, values: Tensor, init: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        heuristic = self.family.start(values)
+        known: dict[str, Tensor] = {**self.fixed, **self.held}
+        start: dict[str, Tensor] = {}
+        for name in self.family.order:
+            constraint = self.constraint(name, known)
+            if name in self.held:
+                continue
+            if name in self.fixed or name in init:
+                value = self.fixed[name] if name in self.fixed else init[name]
+                if not bool(constraint.check(value).all()):
+                    kind = "fixed" if name in self.fixed else "initial"
+                    raise InputError(
+                        f"{kind} value {name}={_show(value)} is outside the parameter space of {self.family.name}: "
+                        f"it must satisfy {constraint} (data range [{self.bounds.min:g}, {self.bounds.max:g}])"
+                    )
+            else:
+                value = torch.as_tensor(heuristic[name], dtype=self.dtype, device=self.device).reshape(self.shapes[name])
+                if not (bool(torch.isfinite(value).all()) and bool(constraint.check(value).all())):
+                    value = transform_to(constraint)(torch.zeros(self.shapes[name], dtype=self.dtype, device=self.device))
+            known[name] = value
+            if name not in self.fixed:
+                start[name] = value
+        return start
+
+    def natural(self, unconstrained: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Natural values of every parameter (fixed, held and optimised) from the unconstrained ones."""
+        known: dict[str, Tensor] = {**self.fixed, **self.held}
+        for name in self.family.order:
+            if name in unconstrained:
+                known[name] = transform_to(self.constraint(name, known))(unconstrained[name])
+        return {name: known[name] for name in self.family.params}
+
+    def unconstrained(self, natural: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        known: dict[str, Tensor] = {**self.fixed, **self.held}
+        result = {}
+        for name in self.family.order:
+            if name in self.optimised:
+                result[name] = transform_to(self.constraint(name, known)).inv(natural[name])
+                known[name] = natural[name]
+        return result
+
+    def is_feasible(self, natural: Mapping[str, Tensor]) -> bool:
+        known: dict[str, Tensor] = {**self.fixed, **self.held}
+        for name in self.family.order:
+            if name in self.optimised:
+                if not bool(self.constraint(name, known).check(natural[name]).all()):
+                    return False
+                known[name] = natural[name]
+        return True
+
+    def labels(self, names: Sequence[str]) -> list[str]:
+        return [label for name in names for label in flat_labels(name, self.shapes[name])]
+
+    def distribution(self, natural: Mapping[str, Tensor]) -> Distribution:
+        return self.family.build(**natural, validate_args=False)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How to optimise: the optimiser, its learning rate (None: the optimiser's default), the step
+    budget and the convergence tolerances (None: the dtype's defaults)."""
+
+    optimizer: Optimizer = "lbfgs"
+    lr: float | None = None
+    max_steps: int = 500
+    gtol: float | None = None
+    ftol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"learning rate must be a positive number, got {self.lr!r}")
+        if self.max_steps < 1:
+            raise InputError(f"max steps must be at least 1, got {self.max_steps}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+
+@dataclass
+class FitResult:
+    """The outcome of one fit. `params` holds every scalar component by label (fixed ones too);
+    `trace` has one row per step: step, lr, nll (total), mean_nll, grad_norm, each free parameter
+    and `grad_<label>`, the partial derivative of the mean NLL with respect to it."""
+
+    family: str
+    params: dict[str, float]
+    fixed: dict[str, float]
+    free: tuple[str, ...]
+    free_params: tuple[str, ...]
+    natural: dict[str, Tensor]
+    converged: bool
+    reason: str
+    steps: int
+    nll: float
+    mean_nll: float
+    grad_norm: float
+    trace: pd.DataFrame
+    optimizer: str
+    lr: float
+
+    @property
+    def diverged(self) -> bool:
+        return self.reason.startswith("diverged")
+
+
+@dataclass
+class _Evaluation:
+    mean_nll: Tensor
+    natural: dict[str, Tensor]
+    grad_natural: dict[str, Tensor]
+    grad_unconstrained: dict[str, Tensor]
+
+    def row(self, space: ParameterSpace, total_weight: float) -> Tensor:
+        free = space.free
+        values = [self.natural[n].detach().reshape(-1) for n in free]
+        grads = [self.grad_natural[n].reshape(-1) for n in free]
+        grad_norm = torch.cat(grads).norm() if grads else self.mean_nll.new_zeros(())
+        head = torch.stack([self.mean_nll.detach() * total_weight, self.mean_nll.detach(), grad_norm])
+        return torch.cat([head, *values, *grads])
+
+    def max_unconstrained_grad(self) -> float:
+        if not self.grad_unconstrained:
+            return 0.0
+        return float(torch.cat([g.reshape(-1) for g in self.grad_unconstrained.values()]).abs().max())
+
+
+def _evaluate(space: ParameterSpace, observations: Observations, unconstrained: Mapping[str, Tensor]) -> _Evaluation:
+    """Mean NLL at `unconstrained`, its partial derivatives with respect to the natural parameters,
+    and (by the chain rule through the transforms) with respect to the unconstrained ones."""
+    with torch.enable_grad():
+        natural = space.natural(unconstrained)
+        leaves = {n: natural[n].detach().requires_grad_(True) for n in space.free}
+        params = {n: leaves.get(n, natural[n]) for n in space.family.params}
+        mean_nll = -observations.log_likelihood(space.distribution(params)) / observations.total_weight
+        grads = torch.autograd.grad(mean_nll, [leaves[n] for n in space.free]) if space.free else ()
+        grad_natural = dict(zip(space.free, grads))
+        grad_unconstrained = {}
+        if space.optimised and bool(torch.isfinite(mean_nll)):
+            outputs = [natural[n] for n in space.optimised]
+            chained = torch.autograd.grad(
+                outputs, [unconstrained[n] for n in space.optimised], [grad_natural[n] for n in space.optimised]
+            )
+            grad_unconstrained = dict(zip(space.optimised, chained))
+    return _Evaluation(mean_nll.detach(), {n: v.detach() for n, v in natural.items()}, grad_natural, grad_unconstrained)
+
+
+@dataclass
+class _Run:
+    natural: dict[str, Tensor]
+    rows: list[Tensor]
+    mean_nll: float
+    converged: bool
+    reason: str
+
+
+def _optimise(
+    space: ParameterSpace,
+    observations: Observations,
+    settings: FitSettings,
+    tolerances: Tolerances,
+    progress: Callable[[int, float], None] | None,
+    first_step: int,
+) -> _Run:
+    lr = settings.learning_rate
+    start = {n: v.clone() for n, v in space.start.items()}
+    u = {n: t.detach().clone().requires_grad_(True) for n, t in space.unconstrained({**start}).items()}
+    params = [u[n] for n in space.optimised]
+    optimizer: torch.optim.Optimizer | None = None
+    if settings.optimizer == "adam" and params:
+        optimizer = torch.optim.Adam(params, lr=lr)
+    elif settings.optimizer == "lbfgs" and params:
+        optimizer = torch.optim.LBFGS(
+            params, lr=lr, max_iter=1, max_eval=25, tolerance_grad=0.0, tolerance_change=0.0,
+            history_size=20, line_search_fn="strong_wolfe",
+        )
+    rows: list[Tensor] = []
+    good: _Evaluation | None = None
+    previous: float | None = None
+    converged, reason = False, "max steps reached"
+    for step in range(settings.max_steps + 1):
+        current = _evaluate(space, observations, u)
+        mean_nll = float(current.mean_nll)
+        finite = math.isfinite(mean_nll) and all(bool(torch.isfinite(v).all()) for v in current.natural.values())
+        if not finite:
+            reason = f"diverged: NLL became {mean_nll * observations.total_weight} at step {first_step + step}"
+            break
+        good = current
+        rows.append(current.row(space, observations.total_weight))
+        if progress is not None:
+            progress(first_step + step, mean_nll)
+        if not space.optimised:
+            converged, reason = True, "all parameters fixed or held"
+            break
+        if current.max_unconstrained_grad() <= tolerances.gtol:
+            converged, reason = True, f"gradient below gtol={tolerances.gtol:g}"
+            break
+        if previous is not None and abs(previous - mean_nll) <= tolerances.ftol * max(abs(mean_nll), 1.0):
+            converged, reason = True, f"relative change below ftol={tolerances.ftol:g}"
+            break
+        if step == settings.max_steps:
+            break
+        previous = mean_nll
+        if settings.optimizer == "sgd":
+            moved = _sgd_step(space, current, lr)
+            if moved is None:
+                reason = f"diverged: no SGD step stays inside the parameter space at step {first_step + step}"
+                break
+            with torch.no_grad():
+                for n, value in space.unconstrained(moved).items():
+                    u[n].copy_(value)
+        else:
+            _step(optimizer, space, observations, u, current)
+    if good is None:
+        raise InputError(f"the NLL of {space.family.name} is not finite at the start values; check --init and --fix")
+    return _Run(good.natural, rows, float(good.mean_nll), converged, reason)
+
+
+def _sgd_step(space: ParameterSpace, current: _Evaluation, lr: float) -> dict[str, Tensor] | None:
+    """The seed's rule θ ← θ − lr·∂NLL/∂θ on the natural parameters; a step that would leave the
+    parameter space (σ ≤ 0, a data point outside the support) is halved until it stays inside."""
+    step = lr
+    for _ in range(MAX_STEP_HALVINGS):
+        moved = {**current.natural}
+        for n in space.optimised:
+            moved[n] = current.natural[n] - step * current.grad_natural[n]
+        if space.is_feasible(moved) and all(bool(torch.isfinite(v).all()) for v in moved.values()):
+            return moved
+        step /= 2
+    return None
+
+
+def _step(
+    optimizer: torch.optim.Optimizer,
+    space: ParameterSpace,
+    observations: Observations,
+    u: Mapping[str, Tensor],
+    current: _Evaluation,
+) -> None:
+    """One Adam or L-BFGS step on the unconstrained parameters, reusing the evaluation just done
+    at the current point (L-BFGS asks for it again first)."""
+    cached = [current]
+
+    def closure() -> Tensor:
+        if cached:
+            evaluation = cached.pop()
+            for n in space.optimised:
+                u[n].grad = evaluation.grad_unconstrained[n].clone()
+            return evaluation.mean_nll
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            natural = space.natural(u)
+            mean_nll = -observations.log_likelihood(space.distribution(natural)) / observations.total_weight
+            mean_nll.backward()
+        return mean_nll.detach()
+
+    optimizer.step(closure)
+
+
+def fit_mle(
+    family: Family,
+    observations: Observations,
+    *,
+    fixed: Mapping[str, ParamValue] | None = None,
+    init: Mapping[str, ParamValue] | None = None,
+    settings: FitSettings = FitSettings(),
+    progress: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Fit `family` to `observations` by maximum likelihood.
+
+    Families with a `polish` rule (a support endpoint or a kink at the data) then alternate: the rule
+    proposes values to hold (a bound on the data, the peak on the best data point) and the other
+    parameters are re-optimised, for as long as the NLL improves. Families with a multimodal
+    likelihood (the triangular's) list `extra_starts`; without user start values, the best of all
+    starts wins, and the trace is that start's path.
+    """
+    tolerances = Tolerances.for_dtype(observations.values.dtype, settings.gtol, settings.ftol)
+    space = ParameterSpace(family, observations, fixed, init)
+    starts = [dict(init or {})]
+    if family.extra_starts is not None and not init:
+        starts += [{n: v for n, v in start.items() if n in space.free} for start in family.extra_starts(observations.values)]
+    best: _Run | None = None
+    for start in starts:
+        run = _polished(ParameterSpace(family, observations, fixed, start), observations, settings, tolerances, progress)
+        if best is None or (not run.reason.startswith("diverged") and run.mean_nll < best.mean_nll):
+            best = run
+    return _result(space, observations, settings, best)
+
+
+def _polished(
+    space: ParameterSpace,
+    observations: Observations,
+    settings: FitSettings,
+    tolerances: Tolerances,
+    progress: Callable[[int, float], None] | None,
+) -> _Run:
+    run = _optimise(space, observations, settings, tolerances, progress, 0)
+    family = space.family
+    if family.polish is None or run.reason.startswith("diverged"):
+        return run
+    for _ in range(MAX_POLISH_ROUNDS):
+        candidates = family.polish(observations.values, run.natural, frozenset(space.free), observations.weights)
+        improved = None
+        for held in candidates:
+            start = {n: run.natural[n] for n in space.free if n not in held}
+            polished_space = ParameterSpace(family, observations, space.fixed, start, held=held)
+            polished = _optimise(polished_space, observations, settings, tolerances, progress, len(run.rows))
+            if polished.mean_nll < (improved or run).mean_nll:
+                improved = polished
+        if improved is None:
+            break
+        improved.rows = run.rows + improved.rows
+        run = improved
+    return run
+
+
+def _result(space: ParameterSpace, observations: Observations, settings: FitSettings, run: _Run) -> FitResult:
+    free_labels = space.labels(space.free)
+    columns = ["nll", "mean_nll", "grad_norm", *free_labels, *[f"grad_{label}" for label in free_labels]]
+    table = torch.stack(run.rows).cpu().numpy() if run.rows else np.empty((0, len(columns)))
+    trace = pd.DataFrame(table, columns=columns)
+    trace.insert(0, "lr", settings.learning_rate)
+    trace.insert(0, "step", np.arange(len(trace)))
+    params = {}
+    for name in space.family.params:
+        params.update(zip(space.labels([name]), run.natural[name].reshape(-1).cpu().tolist()))
+    fixed = {label: params[label] for label in space.labels(list(space.fixed))}
+    last = trace.iloc[-1]
+    return FitResult(
+        family=space.family.name,
+        params=params,
+        fixed=fixed,
+        free=tuple(free_labels),
+        free_params=space.free,
+        natural=run.natural,
+        converged=run.converged,
+        reason=run.reason,
+        steps=len(trace) - 1,
+        nll=float(last["nll"]),
+        mean_nll=float(last["mean_nll"]),
+        grad_norm=float(last["grad_norm"]),
+        trace=trace,
+        optimizer=settings.optimizer,
+        lr=settings.learning_rate,
+    )
+
+
+def _show(value: Tensor) -> str:
+    return f"{value.item():g}" if value.numel() == 1 else str([round(v, 6) for v in value.flatten().tolist()])
