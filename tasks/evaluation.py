@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -49,6 +49,44 @@ class Evaluation:
         if self.heldout_nll is not None:
             values.update(heldout_nll=self.heldout_nll, heldout_mean_nll=self.heldout_mean_nll)
         return values
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def fit_summary(result: FitResult, evaluation: Evaluation | None) -> dict[str, Any]:
+    """The CLI's JSON contract: family, params, stderr, ci95, nll, n, converged, reason, steps,
+    aic, bic, and the rest of the evaluation."""
+    summary: dict[str, Any] = {
+        "family": result.family,
+        "params": result.params,
+        "fixed": sorted(result.fixed),
+        "converged": result.converged,
+        "reason": result.reason,
+        "steps": result.steps,
+        "nll": result.nll,
+        "mean_nll": result.mean_nll,
+        "optimizer": result.optimizer,
+        "lr": result.lr,
+    }
+    if evaluation is not None:
+        summary.update(
+            n=evaluation.n, k=evaluation.k, stderr=evaluation.stderr, ci95=evaluation.ci95, aic=evaluation.aic,
+            bic=evaluation.bic, gof=evaluation.gof, grad_norm=evaluation.grad_norm, information=evaluation.information,
+            correlation=evaluation.correlation, heldout_nll=evaluation.heldout_nll,
+            heldout_mean_nll=evaluation.heldout_mean_nll, recovery=evaluation.recovery,
+        )
+    return jsonable(summary)
 
 
 def evaluate_fit(

@@ -190,6 +190,8 @@ def _studentt_start(x: Tensor) -> dict[str, Tensor | float]:
     build=D.Laplace,
     params=("loc", "scale"),
     data_support=constraints.real,
+    # the MLE of loc is a sample median, a kink of the likelihood (its second derivative is 0)
+    non_regular=("loc",),
     scipy=lambda p: stats.laplace(loc=p["loc"], scale=p["scale"]),
 )
 def _laplace_start(x: Tensor) -> dict[str, Tensor]:

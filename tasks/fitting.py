@@ -27,21 +27,24 @@ Optimizer = Literal["lbfgs", "adam", "sgd"]
 OPTIMIZERS: tuple[str, ...] = ("lbfgs", "adam", "sgd")
 DEFAULT_LR: Mapping[str, float] = {"lbfgs": 1.0, "adam": 0.05, "sgd": 0.1}
 MAX_POLISH_ROUNDS = 10
-MAX_STEP_HALVINGS = 40
 ParamValue = float | list[float]
 
 
 @dataclass(frozen=True)
 class Tolerances:
     """When a fit has converged. `gtol`: largest |∂ mean NLL / ∂u| over the unconstrained
-    parameters; `ftol`: relative change of the mean NLL over one step."""
+    parameters; `ftol`: relative change of the mean NLL over one step (0 turns it off)."""
 
     gtol: float
     ftol: float
 
     @staticmethod
-    def for_dtype(dtype: torch.dtype, gtol: float | None = None, ftol: float | None = None) -> Tolerances:
+    def for_settings(dtype: torch.dtype, optimizer: str, gtol: float | None, ftol: float | None) -> Tolerances:
+        """float64: gtol 1e-8, ftol 1e-12; float32: 1e-4, 1e-7. The relative-change test is off by
+        default for Adam and SGD: a small learning rate makes small changes long before the optimum."""
         default = Tolerances(1e-8, 1e-12) if dtype == torch.float64 else Tolerances(1e-4, 1e-7)
+        if optimizer != "lbfgs":
+            default = Tolerances(default.gtol, 0.0)
         return Tolerances(gtol if gtol is not None else default.gtol, ftol if ftol is not None else default.ftol)
 
 
@@ -191,14 +194,16 @@ class ParameterSpace:
                 known[name] = natural[name]
         return result
 
-    def is_feasible(self, natural: Mapping[str, Tensor]) -> bool:
+    def first_infeasible(self, natural: Mapping[str, Tensor]) -> str | None:
+        """The first optimised parameter whose value breaks its constraint (or is not finite)."""
         known: dict[str, Tensor] = {**self.fixed, **self.held}
         for name in self.family.order:
             if name in self.optimised:
-                if not bool(self.constraint(name, known).check(natural[name]).all()):
-                    return False
-                known[name] = natural[name]
-        return True
+                value = natural[name]
+                if not (bool(torch.isfinite(value).all()) and bool(self.constraint(name, known).check(value).all())):
+                    return name
+                known[name] = value
+        return None
 
     def labels(self, names: Sequence[str]) -> list[str]:
         return [label for name in names for label in flat_labels(name, self.shapes[name])]
@@ -349,16 +354,22 @@ def _optimise(
         if current.max_unconstrained_grad() <= tolerances.gtol:
             converged, reason = True, f"gradient below gtol={tolerances.gtol:g}"
             break
-        if previous is not None and abs(previous - mean_nll) <= tolerances.ftol * max(abs(mean_nll), 1.0):
+        if previous is not None and abs(previous - mean_nll) <= tolerances.ftol * max(abs(mean_nll), 1.0) and tolerances.ftol > 0:
             converged, reason = True, f"relative change below ftol={tolerances.ftol:g}"
             break
         if step == settings.max_steps:
             break
         previous = mean_nll
         if settings.optimizer == "sgd":
-            moved = _sgd_step(space, current, lr)
-            if moved is None:
-                reason = f"diverged: no SGD step stays inside the parameter space at step {first_step + step}"
+            moved, outside = _sgd_step(space, current, lr)
+            if outside in space.family.constraint_rules:
+                # a bound set by the data, not a blow-up: the NLL is finite, and a polish rule can
+                # still hold the parameter on the bound
+                reason = f"stopped: the SGD step at step {first_step + step} would take {outside} past a data bound"
+                break
+            if outside is not None:
+                value = _show(moved[outside])
+                reason = f"diverged: the SGD step at step {first_step + step} took {outside} to {value}, outside its constraint"
                 break
             with torch.no_grad():
                 for n, value in space.unconstrained(moved).items():
@@ -370,18 +381,14 @@ def _optimise(
     return _Run(good.natural, rows, float(good.mean_nll), converged, reason)
 
 
-def _sgd_step(space: ParameterSpace, current: _Evaluation, lr: float) -> dict[str, Tensor] | None:
-    """The seed's rule θ ← θ − lr·∂NLL/∂θ on the natural parameters; a step that would leave the
-    parameter space (σ ≤ 0, a data point outside the support) is halved until it stays inside."""
-    step = lr
-    for _ in range(MAX_STEP_HALVINGS):
-        moved = {**current.natural}
-        for n in space.optimised:
-            moved[n] = current.natural[n] - step * current.grad_natural[n]
-        if space.is_feasible(moved) and all(bool(torch.isfinite(v).all()) for v in moved.values()):
-            return moved
-        step /= 2
-    return None
+def _sgd_step(space: ParameterSpace, current: _Evaluation, lr: float) -> tuple[dict[str, Tensor], str | None]:
+    """The seed's rule θ ← θ − lr·∂NLL/∂θ on the natural parameters, and the name of a parameter
+    the step took outside its constraint (σ ≤ 0, a bound inside the data), if any: with this rule,
+    that is how a too-large learning rate diverges."""
+    moved = {**current.natural}
+    for n in space.optimised:
+        moved[n] = current.natural[n] - lr * current.grad_natural[n]
+    return moved, space.first_infeasible(moved)
 
 
 def _step(
@@ -428,7 +435,7 @@ def fit_mle(
     likelihood (the triangular's) list `extra_starts`; without user start values, the best of all
     starts wins, and the trace is that start's path.
     """
-    tolerances = Tolerances.for_dtype(observations.values.dtype, settings.gtol, settings.ftol)
+    tolerances = Tolerances.for_settings(observations.values.dtype, settings.optimizer, settings.gtol, settings.ftol)
     space = ParameterSpace(family, observations, fixed, init)
     starts = [dict(init or {})]
     if family.extra_starts is not None and not init:

@@ -77,6 +77,7 @@ class SweepSpec(_Frozen):
     seed: list[int] = Field(default_factory=list)
     fan_out: Literal["threads", "deployment"] = "threads"
     deployment: str = "fit/fit"
+    timeout_seconds: float = Field(3600.0, gt=0)
 
     @field_validator("lr")
     @classmethod
@@ -88,7 +89,8 @@ class SweepSpec(_Frozen):
 
 
 class ExperimentSpec(_Frozen):
-    """One experiment: data, family, fixed/initial values, optimiser, optional sweep, device."""
+    """One experiment: data, family, fixed/initial values, optimiser, optional sweep, device.
+    `run_name` names the MLflow run (a sweep sets it per configuration)."""
 
     name: str = Field(min_length=1)
     description: str = ""
@@ -100,6 +102,7 @@ class ExperimentSpec(_Frozen):
     sweep: SweepSpec | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float64", "float32"] = "float64"
+    run_name: str | None = None
 
     @field_validator("family")
     @classmethod
@@ -123,25 +126,29 @@ class ExperimentSpec(_Frozen):
             data = self.data
             if seed is not None and data.simulate is not None:
                 data = data.model_copy(update={"simulate": data.simulate.model_copy(update={"seed": seed})})
+            name = [self.family, optimizer]
+            if lr is not None:
+                name.append(f"lr={lr:g}")
+            if len(seeds) > 1:
+                name.append(f"seed={seed}")
             children.append(
                 self.model_copy(
                     update={
                         "optimizer": self.optimizer.model_copy(update={"lr": lr, "name": optimizer}),
                         "data": data,
                         "sweep": None,
+                        "run_name": " ".join(name),
                     }
                 )
             )
         return children
 
     def label(self) -> str:
-        """A run name that says what differs between the configurations of a sweep."""
-        parts = [self.family, self.optimizer.name]
-        if self.optimizer.lr is not None:
-            parts.append(f"lr={self.optimizer.lr:g}")
-        if self.data.simulate is not None and self.sweep is None:
-            parts.append(f"seed={self.data.simulate.seed}")
-        return " ".join(parts)
+        """The run name: what differs between the configurations of a sweep."""
+        if self.run_name:
+            return self.run_name
+        lr = f" lr={self.optimizer.lr:g}" if self.optimizer.lr is not None else ""
+        return f"{self.family} {self.optimizer.name}{lr}"
 
 
 def format_validation_error(error: ValidationError, source: str = "spec") -> str:
