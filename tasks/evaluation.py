@@ -116,8 +116,7 @@ def evaluate_fit(
         gof=goodness_of_fit(family, observations, result),
     )
     if heldout is not None and heldout.values.numel() > 0:
-        dist = family.build(**result.natural, validate_args=False)
-        evaluation.heldout_nll = float(-heldout.log_likelihood(dist))
+        evaluation.heldout_nll = float(-heldout.log_likelihood(family, result.natural))
         evaluation.heldout_mean_nll = evaluation.heldout_nll / heldout.total_weight
     if truth:
         evaluation.recovery = {
@@ -148,7 +147,7 @@ def observed_information(
             name: pieces[name].reshape(result.natural[name].shape) if name in pieces else result.natural[name]
             for name in family.params
         }
-        return -observations.log_likelihood(family.build(**params, validate_args=False))
+        return -observations.log_likelihood(family, params)
 
     point = torch.cat([result.natural[name].reshape(-1) for name in regular]).detach()
     hessian = torch.autograd.functional.hessian(total_nll, point).detach().double().cpu()

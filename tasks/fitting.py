@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, transform_to
+from torch.distributions import transform_to
 from torch.distributions.constraints import Constraint
 
 from tasks.errors import InputError
@@ -79,9 +79,9 @@ class Observations:
     def total_weight(self) -> float:
         return float(self.values.numel() if self.weights is None else self.weights.sum())
 
-    def log_likelihood(self, dist: Distribution) -> Tensor:
-        """Total log-likelihood (a 0-d tensor)."""
-        log_density = dist.log_prob(self.values)
+    def log_likelihood(self, family: Family, params: Mapping[str, Tensor]) -> Tensor:
+        """Total (weighted) log-likelihood of `family` at the natural `params` (a 0-d tensor)."""
+        log_density = family.build(**params, validate_args=False).log_prob(self.values)
         if self.weights is not None:
             return (self.weights * log_density).sum()
         return log_density.sum()
@@ -208,9 +208,6 @@ class ParameterSpace:
     def labels(self, names: Sequence[str]) -> list[str]:
         return [label for name in names for label in flat_labels(name, self.shapes[name])]
 
-    def distribution(self, natural: Mapping[str, Tensor]) -> Distribution:
-        return self.family.build(**natural, validate_args=False)
-
 
 @dataclass(frozen=True)
 class FitSettings:
@@ -291,7 +288,7 @@ def _evaluate(space: ParameterSpace, observations: Observations, unconstrained: 
         natural = space.natural(unconstrained)
         leaves = {n: natural[n].detach().requires_grad_(True) for n in space.free}
         params = {n: leaves.get(n, natural[n]) for n in space.family.params}
-        mean_nll = -observations.log_likelihood(space.distribution(params)) / observations.total_weight
+        mean_nll = -observations.log_likelihood(space.family, params) / observations.total_weight
         grads = torch.autograd.grad(mean_nll, [leaves[n] for n in space.free]) if space.free else ()
         grad_natural = dict(zip(space.free, grads))
         grad_unconstrained = {}
@@ -411,7 +408,7 @@ def _step(
         optimizer.zero_grad()
         with torch.enable_grad():
             natural = space.natural(u)
-            mean_nll = -observations.log_likelihood(space.distribution(natural)) / observations.total_weight
+            mean_nll = -observations.log_likelihood(space.family, natural) / observations.total_weight
             mean_nll.backward()
         return mean_nll.detach()
 
