@@ -20,6 +20,7 @@ from tasks.recording import SweepSummary, Tracker
 from tasks.spec import ExperimentSpec
 
 PROGRESS_EVERY_SECONDS = 2.0
+PROGRESS_BAR_WIDTH = 20
 
 
 @task(name="load data", cache_policy=NO_CACHE)
@@ -43,7 +44,10 @@ def optimise(problem: FitProblem, label: str) -> FitResult:
         now = time.monotonic()
         if now - last[0] >= PROGRESS_EVERY_SECONDS:
             last[0] = now
-            logger.info("%s: step %d/%d, mean NLL %.10g", label, step, problem.settings.max_steps, mean_nll)
+            total = problem.settings.max_steps
+            filled = min(PROGRESS_BAR_WIDTH, round(PROGRESS_BAR_WIDTH * step / total))
+            bar = "█" * filled + "░" * (PROGRESS_BAR_WIDTH - filled)
+            logger.info("%s: [%s] step %d/%d, mean NLL %.10g", label, bar, step, total, mean_nll)
 
     result = experiment.optimise(problem, progress)
     log = logger.warning if not result.converged else logger.info
