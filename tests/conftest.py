@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, settings
 
 # torch's first call in a process is slow: no per-example deadline, and a fixed example budget
 settings.register_profile("nllflow", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+# a longer search on demand: pytest --hypothesis-profile=thorough
+settings.register_profile("thorough", parent=settings.get_profile("nllflow"), max_examples=2000)
 settings.load_profile("nllflow")
 
 # the repository's sibling `shared/` folder (CI checks it out at the same relative place)

@@ -161,7 +161,10 @@ def test_weighted_evaluation_counts_the_weights():
     for label in ("concentration", "rate"):
         assert e_w.stderr[label] == pytest.approx(e_r.stderr[label], rel=1e-5)
     assert e_w.bic == pytest.approx(e_r.bic, rel=1e-9)
-    assert e_w.gof == {}  # no KS/CvM/AD for weighted data
+    # KS/CvM/AD of weighted data are those of the sample expanded by its weights
+    assert set(e_w.gof) == {"ks", "cvm", "ad"}
+    for statistic in ("ks", "cvm", "ad"):
+        assert e_w.gof[statistic] == pytest.approx(e_r.gof[statistic], rel=1e-6)
 
 
 # --- information criteria ------------------------------------------------------------------------
