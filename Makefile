@@ -25,3 +25,13 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+.PHONY: serve stop
+
+# The deployment stack on this host: Prefect and MLflow servers on 127.0.0.1, the work pools, the
+# deployments of prefect.yaml and a worker (python -m flows.serve --help). `make stop` ends it all.
+serve: setup
+	$(BIN)/python -m flows.serve start
+
+stop:
+	$(BIN)/python -m flows.serve stop

@@ -54,10 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     fit = commands.add_parser("fit", help="fit one family to one column of a CSV or Parquet file")
-    fit.add_argument("--data", required=True, help="CSV or Parquet file")
-    fit.add_argument("--column", required=True)
+    _add_data_options(fit)
     fit.add_argument("--family", required=True, help="a registered family (see: nllflow families)")
-    fit.add_argument("--weights", help="column of non-negative frequency weights")
     fit.add_argument("--fix", action="append", metavar="NAME=VALUE", help="hold a parameter fixed (repeatable)")
     fit.add_argument("--init", action="append", metavar="NAME=VALUE", help="start value (repeatable)")
     fit.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam", "sgd"])
@@ -67,8 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     fit.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     fit.add_argument("--experiment", default="nllflow-fit", help="MLflow experiment name")
+    _add_bootstrap_options(fit)
+    fit.add_argument("--plots", metavar="DIR", help="also write the diagnostic plots (PNG) into DIR")
     fit.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
     fit.set_defaults(handler=_fit_command)
+
+    compare = commands.add_parser("compare", help="fit several families to one data set and rank them by AIC")
+    _add_data_options(compare)
+    compare.add_argument("--families", required=True, metavar="A,B,C",
+                         help="family names, or a group: continuous or discrete (those whose support holds the data)")
+    compare.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam", "sgd"])
+    compare.add_argument("--max-steps", type=int, default=500)
+    compare.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    compare.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    compare.add_argument("--experiment", default="nllflow-compare", help="MLflow experiment name")
+    _add_bootstrap_options(compare)
+    compare.add_argument("--plots", metavar="DIR", help="also write the overlaid plots into DIR (each family's in DIR/FAMILY)")
+    compare.add_argument("--json", action="store_true", help="print the ranking as one JSON list (last line)")
+    compare.set_defaults(handler=_compare_command)
 
     run = commands.add_parser("run", help="run an experiment spec (a sweep when it lists several learning rates)")
     run.add_argument("spec", help="YAML file in experiments/")
@@ -81,20 +95,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="CSV or Parquet file")
+    parser.add_argument("--column", help="the column of exact observations")
+    parser.add_argument("--censored", metavar="LEFT,RIGHT",
+                        help="two columns instead of --column: equal = exact, LEFT empty = left-censored at RIGHT, "
+                             "RIGHT empty = right-censored at LEFT, else the interval (LEFT, RIGHT]")
+    parser.add_argument("--weights", help="column of non-negative frequency weights")
+
+
+def _add_bootstrap_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", type=int, metavar="B", help="B bootstrap refits for percentile intervals")
+    parser.add_argument("--bootstrap-kind", default="nonparametric", choices=["nonparametric", "parametric"],
+                        help="resample the rows, or draw from the fit (which also gives goodness-of-fit p-values)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
+
+
+def _data_section(args: argparse.Namespace) -> dict[str, Any]:
+    if args.column is None and args.censored is None:
+        raise InputError("give --column COL, or --censored LEFT,RIGHT for censored data")
+    censored = None if args.censored is None else [part.strip() for part in args.censored.split(",")]
+    return {"path": args.data, "column": args.column, "censored": censored, "weights": args.weights}
+
+
+def _bootstrap_section(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.bootstrap is None:
+        return None
+    return {"replicates": args.bootstrap, "kind": args.bootstrap_kind, "seed": args.bootstrap_seed}
+
+
 def _fit_command(args: argparse.Namespace) -> int:
     from tasks.spec import parse_spec
 
     raw = {
         "name": args.experiment,
         "family": args.family,
-        "data": {"path": args.data, "column": args.column, "weights": args.weights, "holdout": args.holdout},
+        "data": {**_data_section(args), "holdout": args.holdout},
         "fix": _key_values(args.fix, "--fix"),
         "init": _key_values(args.init, "--init"),
         "optimizer": {"name": args.optimizer, "lr": args.lr, "max_steps": args.max_steps},
+        "bootstrap": _bootstrap_section(args),
         "device": args.device,
         "dtype": args.dtype,
     }
-    return _execute(parse_spec(raw, source="arguments"), args.json)
+    return _execute(parse_spec(raw, source="arguments"), args.json, args.plots)
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from tasks.spec import ComparisonSpec, format_validation_error
+
+    raw = {
+        "name": args.experiment,
+        "families": [name.strip() for name in args.families.split(",") if name.strip()],
+        "data": _data_section(args),
+        "optimizer": {"name": args.optimizer, "max_steps": args.max_steps},
+        "bootstrap": _bootstrap_section(args),
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    try:
+        spec = ComparisonSpec.model_validate(raw)
+    except ValidationError as error:
+        raise InputError(format_validation_error(error, "arguments")) from None
+    from tasks.experiment import build_problem, load_data, plan_comparison
+    from tasks.recording import check_tracking
+
+    plan = plan_comparison(spec)
+    build_problem(plan.configurations[0], load_data(plan.configurations[0]))
+    check_tracking()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.compare import compare
+
+    summary = compare(spec)
+    _print_json(summary["ranking"]) if args.json else _print_comparison(spec, summary)
+    if args.plots:
+        _write_plots(summary["parent_run_id"], args.plots, {row["family"]: row["run_id"] for row in summary["ranking"]})
+    return 0 if summary["best_run_id"] else 1
+
+
+def _write_plots(run_id: str, folder: str, children: dict[str, str | None] | None = None) -> None:
+    """The run's plots (and each child's, in a folder of its name) copied from the tracking store."""
+    from pathlib import Path
+
+    from tasks.recording import Tracker
+
+    tracker = Tracker()
+    tracker.download_plots(run_id, Path(folder))
+    for name, child in (children or {}).items():
+        if child:
+            tracker.download_plots(child, Path(folder) / name)
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -114,7 +205,8 @@ def _families_command(args: argparse.Namespace) -> int:
 
 
 def preflight(spec) -> None:
-    """Everything that can be refused before a flow or a run exists: data, support, parameters."""
+    """Everything that can be refused before a flow or a run exists: data, support, parameters,
+    and an unreachable tracking server (TrackingUnavailable: exit 1, as it may come back)."""
     from tasks.experiment import build_problem, load_data
 
     checked = set()
@@ -123,9 +215,12 @@ def preflight(spec) -> None:
         if key not in checked:
             checked.add(key)
             build_problem(configuration, load_data(configuration))
+    from tasks.recording import check_tracking
+
+    check_tracking()
 
 
-def _execute(spec, as_json: bool) -> int:
+def _execute(spec, as_json: bool, plots: str | None = None) -> int:
     preflight(spec)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if spec.sweep is None:
@@ -136,6 +231,8 @@ def _execute(spec, as_json: bool) -> int:
         if isinstance(summary, BaseException):
             raise summary
         _print_json(summary) if as_json else _print_fit(summary)
+        if plots:
+            _write_plots(summary["run_id"], plots)
         if state.is_failed():
             print(f"nllflow: fit failed: {summary['reason']}", file=sys.stderr)
             return 1
@@ -153,8 +250,8 @@ def _print_json(summary: dict) -> None:
     print(json.dumps(jsonable(summary), separators=(",", ":")))
 
 
-def _format(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.6g}"
+def _format(value: Any, digits: int = 6) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}g}"
 
 
 def _print_fit(summary: dict) -> None:
@@ -174,8 +271,17 @@ def _print_fit(summary: dict) -> None:
         print(f"{label:16s} {_format(value):>14s} {_format(se):>12s}   {interval}")
     print(f"NLL {_format(summary['nll'])}   mean NLL {_format(summary['mean_nll'])}   "
           f"AIC {_format(summary.get('aic'))}   BIC {_format(summary.get('bic'))}")
+    boot = summary.get("bootstrap")
+    if boot:
+        print(f"{boot['kind']} bootstrap, {boot['converged']}/{boot['replicates']} refits converged: "
+              f"{boot['level']:.0%} percentile intervals")
+        for label, (low, high) in boot["intervals"].items():
+            print(f"{label:16s} [{_format(low)}, {_format(high)}]   bootstrap SE {_format(boot['stderr'][label])}")
     if summary.get("gof"):
-        print("goodness of fit: " + "  ".join(f"{k}={_format(v)}" for k, v in summary["gof"].items()))
+        pvalues = (boot or {}).get("gof_pvalue") or {}
+        print("goodness of fit: " + "  ".join(
+            f"{k}={_format(v)}" + (f" (p={_format(pvalues[k])})" if k in pvalues else "") for k, v in summary["gof"].items()
+        ))
     if summary.get("information", "ok") != "ok":
         print(f"note: {summary['information']}")
     if summary.get("heldout_nll") is not None:
@@ -208,6 +314,32 @@ def _print_sweep(spec, summary: dict) -> None:
     best = next((r for r in summary["runs"] if r["run_id"] == summary["best_run_id"]), None)
     if best is not None:
         print(f"best: {best['run_name']} (NLL {_format(best['nll'])}), run {best['run_id']}")
+    print(f"parent run {summary['parent_run_id']} in experiment '{summary['experiment']}'")
+    print(f"open the UI: {ui_command()}")
+
+
+def _print_comparison(spec, summary: dict) -> None:
+    from tasks.recording import ui_command
+
+    ranking = summary["ranking"]
+    print(f"comparison '{spec.name}': {len(ranking)} families, ranked by AIC")
+    with_p = any(row["pvalue"] for row in ranking)
+    header = f"{'rank':>4s}  {'family':16s} {'AIC':>12s} {'dAIC':>9s} {'BIC':>12s} {'KS':>8s} {'CvM':>8s} {'AD':>8s}"
+    if with_p:
+        header += f" {'p(KS)':>7s} {'p(CvM)':>7s} {'p(AD)':>7s}"  # parametric-bootstrap p-values
+    print(header + "  estimates")
+    for row in ranking:
+        line = (f"{row['rank'] or '-':>4}  {row['family']:16s} {_format(row['aic']):>12s} {_format(row['delta_aic']):>9s} "
+                f"{_format(row['bic']):>12s} {_format(row['ks']):>8s} {_format(row['cvm']):>8s} {_format(row['ad']):>8s}")
+        if with_p:
+            line += "".join(f" {_format(row['pvalue'].get(k), 3):>7s}" for k in ("ks", "cvm", "ad"))
+        estimates = ", ".join(f"{k}={_format(v)}" for k, v in row["params"].items())
+        print(line + "  " + (estimates if row["status"] == "FINISHED" else f"failed: {row['reason']}"))
+    for name, reason in {**summary["skipped"], **summary["notes"]}.items():
+        print(f"note: {name}: {reason}")
+    best = ranking[0] if ranking and ranking[0]["rank"] == 1 else None
+    if best is not None:
+        print(f"best: {best['family']} (AIC {_format(best['aic'])}), run {best['run_id']}")
     print(f"parent run {summary['parent_run_id']} in experiment '{summary['experiment']}'")
     print(f"open the UI: {ui_command()}")
 

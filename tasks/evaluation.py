@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 from scipy import stats
 from torch import Tensor
 
+from tasks.censoring import has_tails, log_tails
 from tasks.families import Family
 from tasks.fitting import FitResult, Observations, flat_labels
+
+if TYPE_CHECKING:
+    from tasks.bootstrap import BootstrapResult
 
 Z_95 = float(stats.norm.ppf(0.975))
 
@@ -39,6 +43,7 @@ class Evaluation:
     heldout_nll: float | None = None
     heldout_mean_nll: float | None = None
     recovery: dict[str, float] = field(default_factory=dict)
+    bootstrap: BootstrapResult | None = None
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric summary (for MLflow metrics and JSON)."""
@@ -48,6 +53,8 @@ class Evaluation:
         values.update({f"abs_error_{k}": v for k, v in self.recovery.items()})
         if self.heldout_nll is not None:
             values.update(heldout_nll=self.heldout_nll, heldout_mean_nll=self.heldout_mean_nll)
+        if self.bootstrap is not None:
+            values.update(self.bootstrap.metrics())
         return values
 
 
@@ -86,6 +93,8 @@ def fit_summary(result: FitResult, evaluation: Evaluation | None) -> dict[str, A
             correlation=evaluation.correlation, heldout_nll=evaluation.heldout_nll,
             heldout_mean_nll=evaluation.heldout_mean_nll, recovery=evaluation.recovery,
         )
+        if evaluation.bootstrap is not None:
+            summary["bootstrap"] = evaluation.bootstrap.summary()
     return jsonable(summary)
 
 
@@ -115,7 +124,7 @@ def evaluate_fit(
         information=information,
         gof=goodness_of_fit(family, observations, result),
     )
-    if heldout is not None and heldout.values.numel() > 0:
+    if heldout is not None and heldout.total_weight > 0:
         evaluation.heldout_nll = float(-heldout.log_likelihood(family, result.natural))
         evaluation.heldout_mean_nll = evaluation.heldout_nll / heldout.total_weight
     if truth:
@@ -154,7 +163,8 @@ def observed_information(
     if not bool(torch.isfinite(hessian).all()):
         return stderr, {}, "observed information is not finite at the estimate"
     scale = hessian.diagonal().abs().sqrt().clamp_min(1e-300)
-    scaled = hessian / torch.outer(scale, scale)
+    # one factor at a time: the outer product of two tiny (or huge) scales under- or overflows
+    scaled = hessian / scale[:, None] / scale[None, :]
     factor, info = torch.linalg.cholesky_ex(scaled)
     if int(info) != 0:
         smallest = float(torch.linalg.eigvalsh(scaled)[0])
@@ -162,7 +172,7 @@ def observed_information(
             f"observed information is not positive definite (smallest scaled eigenvalue {smallest:.3g}): "
             "the estimate is not a strict local maximum, standard errors unavailable"
         )
-    covariance = torch.cholesky_inverse(factor) / torch.outer(scale, scale)
+    covariance = torch.cholesky_inverse(factor) / scale[:, None] / scale[None, :]
     se = covariance.diagonal().sqrt()
     corr = covariance / torch.outer(se, se)
     stderr.update(zip(labels, se.tolist()))
@@ -173,21 +183,40 @@ def observed_information(
 
 
 def goodness_of_fit(family: Family, observations: Observations, result: FitResult) -> dict[str, float]:
-    """KS, Cramér–von Mises and Anderson–Darling statistics for continuous families (unweighted
-    data); a pooled chi-square statistic with its degrees of freedom and p-value for discrete ones."""
+    """KS, Cramér–von Mises and Anderson–Darling statistics for continuous families (with frequency
+    weights, those of the sample expanded by its weights); a pooled chi-square statistic with its
+    degrees of freedom and p-value for discrete ones. None for censored data, which has no
+    empirical distribution function of exact points, or for a family without a cdf."""
     if family.discrete:
         return _chi_square(family, observations, result)
-    if family.scipy is None or observations.weights is not None:
+    natural = {name: value.detach() for name, value in result.natural.items()}
+    dist = family.build(**natural, validate_args=False)
+    if observations.censored is not None or not has_tails(type(dist)):
         return {}
-    x = np.sort(observations.values.detach().cpu().double().numpy())
-    n = len(x)
-    frozen = family.scipy(result.params)
-    cdf = frozen.cdf(x)
-    i = np.arange(1, n + 1)
-    ks = float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
-    cvm = float(1 / (12 * n) + np.sum((cdf - (2 * i - 1) / (2 * n)) ** 2))
-    log_cdf, log_sf = frozen.logcdf(x), frozen.logsf(x)
-    ad = float(-n - np.sum((2 * i - 1) * (log_cdf + log_sf[::-1])) / n)
+    order = torch.argsort(observations.values)
+    with torch.no_grad():
+        log_cdf, log_sf = log_tails(dist, observations.values[order])
+    weights = None if observations.weights is None else observations.weights[order].double().cpu().numpy()
+    statistics = edf_statistics(log_cdf.double().cpu().numpy(), log_sf.double().cpu().numpy(), weights)
+    return {name: float(value) for name, value in statistics.items()}
+
+
+def edf_statistics(log_cdf: np.ndarray, log_sf: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """KS, Cramér–von Mises and Anderson–Darling statistics from the fitted log F and log S at the
+    sorted data (the last axis; leading axes are independent samples). A point of weight w stands
+    for w tied points: it covers the ranks before+1 … before+w, whose sums are taken in closed form
+    (for whole weights exactly the statistics of the expanded sample)."""
+    cdf = np.exp(log_cdf)
+    w = np.ones_like(cdf) if weights is None else np.broadcast_to(weights, cdf.shape)
+    after = np.cumsum(w, axis=-1)
+    before = after - w
+    n = after[..., -1:]
+    ks = np.maximum(np.max(after / n - cdf, axis=-1), np.max(cdf - before / n, axis=-1))
+    # Σ over the block of (F - (2i-1)/2n)²: the block's mean rank term and its spread w(w²-1)/3
+    centre = (before + after) / (2 * n)
+    cvm = 1 / (12 * n[..., 0]) + np.sum(w * (cdf - centre) ** 2 + w * (w * w - 1) / (12 * n * n), axis=-1)
+    # Σ over the block of (2i-1) = w(before+after), of (2n+1-2i) = w(2n-before-after)
+    ad = -n[..., 0] - np.sum(w * ((before + after) * log_cdf + (2 * n - before - after) * log_sf), axis=-1) / n[..., 0]
     return {"ks": ks, "cvm": cvm, "ad": ad}
 
 

@@ -144,12 +144,23 @@ def load_plugins() -> None:
 # --- start-value helpers -------------------------------------------------------------------------
 
 
+def _tiny(x: Tensor) -> Tensor:
+    """A floor for a scale's start value (ties can make a spread 0), relative to the data: an
+    absolute floor is a start many orders of magnitude off for data of size 1e-30, from which the
+    optimiser may never get back."""
+    return 1e-12 * x.abs().max()
+
+
 def _spread(x: Tensor) -> Tensor:
-    return x.std(correction=0).clamp_min(1e-12 * (1.0 + x.abs().max()))
+    return x.std(correction=0).clamp_min(_tiny(x))
 
 
 def _median_abs_dev(x: Tensor) -> Tensor:
-    return ((x - x.median()).abs().median() * 1.4826).clamp_min(1e-12 * (1.0 + x.abs().max()))
+    # more than half the points tied (censored rows at one limit) leave no median deviation; past
+    # 1e5 points an evenly strided subsample gives this start value, without copies of the sample
+    sample = x[:: max(1, x.numel() // 100_000)]
+    mad = (sample - x.median()).abs().median() * 1.4826
+    return torch.where(mad > 0, mad, _spread(x))
 
 
 def _below(bound: float, span: float) -> float:
@@ -195,8 +206,10 @@ def _studentt_start(x: Tensor) -> dict[str, Tensor | float]:
     scipy=lambda p: stats.laplace(loc=p["loc"], scale=p["scale"]),
 )
 def _laplace_start(x: Tensor) -> dict[str, Tensor]:
-    loc = x.median()
-    return {"loc": loc, "scale": (x - loc).abs().mean().clamp_min(1e-12)}
+    # the midpoint of the two middle values (torch's median is the lower one): there the NLL is flat
+    # in loc, so this start is the MLE; from a kink at a data point L-BFGS's line search can break down
+    loc = (x.median() + x.kthvalue(len(x) // 2 + 1).values) / 2
+    return {"loc": loc, "scale": (x - loc).abs().mean().clamp_min(_tiny(x))}
 
 
 @register_family(
@@ -208,7 +221,8 @@ def _laplace_start(x: Tensor) -> dict[str, Tensor]:
 )
 def _cauchy_start(x: Tensor) -> dict[str, Tensor]:
     q1, q3 = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device))
-    return {"loc": x.median(), "scale": ((q3 - q1) / 2).clamp_min(1e-12)}
+    half_range = (q3 - q1) / 2
+    return {"loc": x.median(), "scale": torch.where(half_range > 0, half_range, _spread(x))}
 
 
 @register_family(
@@ -282,7 +296,7 @@ def _weibull_start(x: Tensor) -> dict[str, Tensor]:
     scipy=lambda p: stats.halfnorm(scale=p["scale"]),
 )
 def _halfnormal_start(x: Tensor) -> dict[str, Tensor]:
-    return {"scale": (x**2).mean().sqrt().clamp_min(1e-12)}
+    return {"scale": (x**2).mean().sqrt().clamp_min(_tiny(x))}
 
 
 @register_family(
@@ -293,7 +307,7 @@ def _halfnormal_start(x: Tensor) -> dict[str, Tensor]:
     scipy=lambda p: stats.halfcauchy(scale=p["scale"]),
 )
 def _halfcauchy_start(x: Tensor) -> dict[str, Tensor]:
-    return {"scale": x.median().clamp_min(1e-12)}
+    return {"scale": x.median().clamp_min(_tiny(x))}
 
 
 def _hold_at_data_bounds(**bounds: str) -> PolishRule:
@@ -305,8 +319,9 @@ def _hold_at_data_bounds(**bounds: str) -> PolishRule:
         for name, side in bounds.items():
             if name in free:
                 edge = x.min() if side == "min" else x.max()
-                # torch's Uniform support is half-open [low, high)
-                held[name] = torch.nextafter(edge, edge + 1) if side == "max+" else edge
+                # torch's Uniform support is half-open [low, high); toward +inf, as edge + 1 rounds
+                # to edge itself above 2**53
+                held[name] = torch.nextafter(edge, edge.new_tensor(math.inf)) if side == "max+" else edge
         return [held] if held else []
 
     return polish
@@ -407,6 +422,8 @@ _binomial.arg_constraints = {  # type: ignore[attr-defined]
     discrete=True,
     required_fixed=("total_count",),
     data_support=constraints.nonnegative_integer,
+    # a count above total_count has probability 0: refuse such a total_count, not a NaN fit
+    constraint_rules={"total_count": lambda b, known: constraints.integer_interval(b.max, math.inf)},
     scipy=lambda p: stats.binom(n=round(p["total_count"]), p=p["probs"]),
 )
 def _binomial_start(x: Tensor) -> dict[str, Tensor]:

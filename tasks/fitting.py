@@ -10,18 +10,21 @@ parameter and the partial derivative of the mean NLL with respect to it (∂NLL/
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.distributions import transform_to
+from torch.distributions import constraints, transform_to
 from torch.distributions.constraints import Constraint
+from torch.distributions.transforms import AffineTransform, ComposeTransform, Transform
 
+from tasks.censoring import CensoredRows
 from tasks.errors import InputError
 from tasks.families import DataBounds, Family
+from tasks.fast_likelihood import fast_log_likelihood
 
 Optimizer = Literal["lbfgs", "adam", "sgd"]
 OPTIMIZERS: tuple[str, ...] = ("lbfgs", "adam", "sgd")
@@ -70,24 +73,67 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Observations:
-    """Exact observations with optional frequency weights, on the fitting device and dtype."""
+    """Exact observations with optional frequency weights, and optional censored rows (known only
+    to lie in an interval), on the fitting device and dtype. The last dimension is the observation:
+    values or weights with a leading batch dimension (the bootstrap's resamples) give one
+    log-likelihood per batch entry."""
 
     values: Tensor
     weights: Tensor | None = None
+    censored: CensoredRows | None = None
+    # statistics of the exact values for fast likelihoods (tasks.fast_likelihood): once per data set
+    _statistics: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def total_weight(self) -> float:
-        return float(self.values.numel() if self.weights is None else self.weights.sum())
+        if "total_weight" not in self._statistics:
+            exact = float(self.values.numel() if self.weights is None else self.weights.sum())
+            self._statistics["total_weight"] = exact + (0.0 if self.censored is None else float(self.censored.total_weight))
+        return self._statistics["total_weight"]
 
     def log_likelihood(self, family: Family, params: Mapping[str, Tensor]) -> Tensor:
-        """Total (weighted) log-likelihood of `family` at the natural `params` (a 0-d tensor)."""
-        log_density = family.build(**params, validate_args=False).log_prob(self.values)
-        if self.weights is not None:
-            return (self.weights * log_density).sum()
-        return log_density.sum()
+        """Total (weighted) log-likelihood of `family` at the natural `params`, summed over the last
+        dimension (a 0-d tensor for one data set). The exact part goes through the family's fast
+        rule where it has one (sufficient statistics or a fused pass)."""
+        total = fast_log_likelihood(family, self.values, self.weights, params, self._statistics)
+        dist = None
+        if total is None:
+            dist = family.build(**params, validate_args=False)
+            log_density = dist.log_prob(self.values)
+            if self.weights is not None:
+                log_density = self.weights * log_density
+            total = log_density.sum(-1)
+        if self.censored is not None:
+            if dist is None:
+                dist = family.build(**params, validate_args=False)
+            total = total + self.censored.log_likelihood(dist)
+        return total
+
+    def pseudo(self) -> Observations:
+        """Exact observations standing in for these (a censored row by its midpoint or finite
+        bound): what start-value, shape and polish rules see."""
+        if self.censored is None:
+            return self
+        values = torch.cat([self.values, self.censored.pseudo_values()])
+        weights = None
+        if self.weights is not None or self.censored.weights is not None:
+            exact = self.weights if self.weights is not None else torch.ones_like(self.values)
+            other = self.censored.weights if self.censored.weights is not None else torch.ones_like(self.censored.low)
+            weights = torch.cat([exact, other])
+        return Observations(values, weights)
 
     def bounds(self) -> DataBounds:
-        return DataBounds(min=float(self.values.min()), max=float(self.values.max()))
+        """The range a support with data-dependent ends must cover: the exact values, the finite
+        upper bounds of censored rows (a support must start below them) and their finite lower
+        bounds (it must end above them)."""
+        if self.censored is None:
+            return DataBounds(min=float(self.values.min()), max=float(self.values.max()))
+        highs, lows = self.censored.finite_bounds()
+        below, above = torch.cat([self.values, highs]), torch.cat([self.values, lows])
+        fallback = self.pseudo().values
+        return DataBounds(
+            min=float((below if below.numel() else fallback).min()), max=float((above if above.numel() else fallback).max())
+        )
 
 
 def flat_labels(name: str, shape: tuple[int, ...]) -> list[str]:
@@ -96,6 +142,19 @@ def flat_labels(name: str, shape: tuple[int, ...]) -> list[str]:
     if shape == ():
         return [name]
     return [f"{name}_{i + 1}" for i in range(math.prod(shape))]
+
+
+def unflatten(family: Family, labelled: Mapping[str, float]) -> dict[str, Tensor]:
+    """Float64 parameter tensors from scalar components by label: the inverse of `flat_labels`."""
+    params = {}
+    for name in family.params:
+        if name in labelled:
+            params[name] = torch.tensor(float(labelled[name]), dtype=torch.float64)
+            continue
+        numbered = {int(label.rsplit("_", 1)[1]): value for label, value in labelled.items()
+                    if label.startswith(f"{name}_") and label.rsplit("_", 1)[1].isdigit()}
+        params[name] = torch.tensor([numbered[i] for i in sorted(numbered)], dtype=torch.float64)
+    return params
 
 
 class ParameterSpace:
@@ -112,9 +171,10 @@ class ParameterSpace:
     ):
         self.family = family
         self.bounds = observations.bounds()
-        values = observations.values
+        values = observations.pseudo().values
         self.dtype, self.device = values.dtype, values.device
         self.shapes = family.shapes(values)
+        self.spread = _robust_spread(values)
         fixed, init = dict(fixed or {}), dict(init or {})
         for kind, given in (("fixed", fixed), ("initial", init)):
             unknown = sorted(set(given) - set(family.params))
@@ -139,7 +199,7 @@ class ParameterSpace:
             raise InputError(f"{kind} value of {name} must be a number, got {value!r}") from None
         shape = self.shapes[name]
         if tensor.shape != shape:
-            if shape == () or tensor.numel() != math.prod(shape):
+            if tensor.numel() != math.prod(shape):
                 raise InputError(
                     f"{kind} value of {name} for {self.family.name} must have {math.prod(shape)} component(s), "
                     f"got {tensor.numel()}"
@@ -151,6 +211,13 @@ class ParameterSpace:
 
     def constraint(self, name: str, known: Mapping[str, Tensor]) -> Constraint:
         return self.family.constraint(name, self.bounds, known)
+
+    def tensors(self, values: Mapping[str, ParamValue | Tensor]) -> dict[str, Tensor]:
+        """Parameter values on this space's dtype and device, in their parameters' shapes."""
+        return {
+            name: torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(self.shapes[name])
+            for name, value in values.items()
+        }
 
     def _resolve_start(self, values: Tensor, init: Mapping[str, Tensor]) -> dict[str, Tensor]:
         heuristic = self.family.start(values)
@@ -171,18 +238,26 @@ class ParameterSpace:
             else:
                 value = torch.as_tensor(heuristic[name], dtype=self.dtype, device=self.device).reshape(self.shapes[name])
                 if not (bool(torch.isfinite(value).all()) and bool(constraint.check(value).all())):
-                    value = transform_to(constraint)(torch.zeros(self.shapes[name], dtype=self.dtype, device=self.device))
+                    value = self.transform(constraint)(torch.zeros(self.shapes[name], dtype=self.dtype, device=self.device))
             known[name] = value
             if name not in self.fixed:
                 start[name] = value
         return start
+
+    def transform(self, constraint: Constraint) -> Transform:
+        """`transform_to(constraint)`, with a real-valued parameter (a location) counted in units of
+        the data's spread: its gradient then does not shrink with the data's scale, so `gtol` and
+        Adam's step size mean the same for data in metres or in micrometres."""
+        if constraint is constraints.real:
+            return ComposeTransform([AffineTransform(0.0, self.spread), transform_to(constraint)])
+        return transform_to(constraint)
 
     def natural(self, unconstrained: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Natural values of every parameter (fixed, held and optimised) from the unconstrained ones."""
         known: dict[str, Tensor] = {**self.fixed, **self.held}
         for name in self.family.order:
             if name in unconstrained:
-                known[name] = transform_to(self.constraint(name, known))(unconstrained[name])
+                known[name] = self.transform(self.constraint(name, known))(unconstrained[name])
         return {name: known[name] for name in self.family.params}
 
     def unconstrained(self, natural: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -190,7 +265,7 @@ class ParameterSpace:
         result = {}
         for name in self.family.order:
             if name in self.optimised:
-                result[name] = transform_to(self.constraint(name, known)).inv(natural[name])
+                result[name] = self.transform(self.constraint(name, known)).inv(natural[name])
                 known[name] = natural[name]
         return result
 
@@ -283,22 +358,27 @@ class _Evaluation:
 
 def _evaluate(space: ParameterSpace, observations: Observations, unconstrained: Mapping[str, Tensor]) -> _Evaluation:
     """Mean NLL at `unconstrained`, its partial derivatives with respect to the natural parameters,
-    and (by the chain rule through the transforms) with respect to the unconstrained ones."""
+    and (by the chain rule through the transforms) with respect to the unconstrained ones. With a
+    leading batch dimension on the parameters (tasks.batched) the rows are independent fits: the
+    gradient of their sum holds each row's own."""
     with torch.enable_grad():
         natural = space.natural(unconstrained)
         leaves = {n: natural[n].detach().requires_grad_(True) for n in space.free}
         params = {n: leaves.get(n, natural[n]) for n in space.family.params}
         mean_nll = -observations.log_likelihood(space.family, params) / observations.total_weight
-        grads = torch.autograd.grad(mean_nll, [leaves[n] for n in space.free]) if space.free else ()
+        grads = torch.autograd.grad(mean_nll.sum(), [leaves[n] for n in space.free]) if space.free else ()
         grad_natural = dict(zip(space.free, grads))
         grad_unconstrained = {}
-        if space.optimised and bool(torch.isfinite(mean_nll)):
+        if space.optimised and bool(torch.isfinite(mean_nll).any()):
             outputs = [natural[n] for n in space.optimised]
             chained = torch.autograd.grad(
                 outputs, [unconstrained[n] for n in space.optimised], [grad_natural[n] for n in space.optimised]
             )
             grad_unconstrained = dict(zip(space.optimised, chained))
-    return _Evaluation(mean_nll.detach(), {n: v.detach() for n, v in natural.items()}, grad_natural, grad_unconstrained)
+    # clone: under an identity transform (a real parameter) the natural value is the optimiser's own
+    # tensor, which the next step changes in place
+    natural = {n: v.detach().clone() for n, v in natural.items()}
+    return _Evaluation(mean_nll.detach(), natural, grad_natural, grad_unconstrained)
 
 
 @dataclass
@@ -334,12 +414,22 @@ def _optimise(
     good: _Evaluation | None = None
     previous: float | None = None
     converged, reason = False, "max steps reached"
+    # the L-BFGS line search has evaluated the point it accepts: reuse that evaluation
+    seen: list[tuple[list[Tensor], _Evaluation]] = []
     for step in range(settings.max_steps + 1):
-        current = _evaluate(space, observations, u)
+        try:
+            current = _seen_at(seen, [u[n] for n in space.optimised]) or _evaluate(space, observations, u)
+        except ValueError as error:
+            reason = _refused(space, error, first_step + step)
+            break
         mean_nll = float(current.mean_nll)
         finite = math.isfinite(mean_nll) and all(bool(torch.isfinite(v).all()) for v in current.natural.values())
-        if not finite:
+        # a pmf is at most 1: a negative NLL of a discrete family is log_prob's rounding (a negative
+        # binomial's total_count run off to 1e15), not a better fit
+        if not finite or (space.family.discrete and mean_nll < 0):
             reason = f"diverged: NLL became {mean_nll * observations.total_weight} at step {first_step + step}"
+            if finite:
+                reason += " (below 0, impossible for a discrete family: its log_prob lost precision)"
             break
         good = current
         rows.append(current.row(space, observations.total_weight))
@@ -372,10 +462,24 @@ def _optimise(
                 for n, value in space.unconstrained(moved).items():
                     u[n].copy_(value)
         else:
-            _step(optimizer, space, observations, u, current)
+            try:
+                seen = _step(optimizer, space, observations, u, current)
+            except ValueError as error:
+                reason = _refused(space, error, first_step + step)
+                break
     if good is None:
-        raise InputError(f"the NLL of {space.family.name} is not finite at the start values; check --init and --fix")
+        start = ", ".join(f"{name}={_show(value)}" for name, value in space.start.items())
+        raise InputError(
+            f"the NLL of {space.family.name} is not finite at the start values ({start}; data range "
+            f"[{space.bounds.min:g}, {space.bounds.max:g}]): check --init and --fix, or rescale data this large or small"
+        )
     return _Run(good.natural, rows, float(good.mean_nll), converged, reason)
+
+
+def _refused(space: ParameterSpace, error: ValueError, step: int) -> str:
+    """Some torch families check an inner distribution whatever validate_args says (StudentT's
+    Chi2(df)), so non-finite trial parameters raise instead of giving a NaN NLL: a divergence too."""
+    return f"diverged: {space.family.name} refused the parameters tried at step {step}: {str(error).splitlines()[0]}"
 
 
 def _sgd_step(space: ParameterSpace, current: _Evaluation, lr: float) -> tuple[dict[str, Tensor], str | None]:
@@ -394,25 +498,33 @@ def _step(
     observations: Observations,
     u: Mapping[str, Tensor],
     current: _Evaluation,
-) -> None:
+) -> list[tuple[list[Tensor], _Evaluation]]:
     """One Adam or L-BFGS step on the unconstrained parameters, reusing the evaluation just done
-    at the current point (L-BFGS asks for it again first)."""
+    at the current point (L-BFGS asks for it again first). Returns the points the step evaluated
+    (as copies of the optimised parameters) with their evaluations."""
     cached = [current]
+    seen: list[tuple[list[Tensor], _Evaluation]] = []
 
     def closure() -> Tensor:
-        if cached:
-            evaluation = cached.pop()
-            for n in space.optimised:
-                u[n].grad = evaluation.grad_unconstrained[n].clone()
-            return evaluation.mean_nll
-        optimizer.zero_grad()
-        with torch.enable_grad():
-            natural = space.natural(u)
-            mean_nll = -observations.log_likelihood(space.family, natural) / observations.total_weight
-            mean_nll.backward()
-        return mean_nll.detach()
+        evaluation = cached.pop() if cached else _evaluate(space, observations, u)
+        if space.optimised and not evaluation.grad_unconstrained:  # a non-finite NLL: torch's own gradient
+            optimizer.zero_grad()
+            with torch.enable_grad():
+                natural = space.natural(u)
+                mean_nll = -observations.log_likelihood(space.family, natural) / observations.total_weight
+                mean_nll.backward()
+            return mean_nll.detach()
+        for n in space.optimised:
+            u[n].grad = evaluation.grad_unconstrained[n].clone()
+        seen.append(([u[n].detach().clone() for n in space.optimised], evaluation))
+        return evaluation.mean_nll
 
     optimizer.step(closure)
+    return seen
+
+
+def _seen_at(seen: list[tuple[list[Tensor], _Evaluation]], point: list[Tensor]) -> _Evaluation | None:
+    return next((evaluation for at, evaluation in seen if all(torch.equal(a, p) for a, p in zip(at, point))), None)
 
 
 def fit_mle(
@@ -436,10 +548,15 @@ def fit_mle(
     space = ParameterSpace(family, observations, fixed, init)
     starts = [dict(init or {})]
     if family.extra_starts is not None and not init:
-        starts += [{n: v for n, v in start.items() if n in space.free} for start in family.extra_starts(observations.values)]
+        extra = [{n: v for n, v in start.items() if n in space.free} for start in family.extra_starts(observations.pseudo().values)]
+        # a heuristic start can break a constraint that a fixed value sets (a triangular peak fixed
+        # below the data): it is skipped, not reported as the user's initial value
+        starts += [start for start in extra if space.first_infeasible({**space.start, **space.tensors(start)}) is None]
     best: _Run | None = None
-    for start in starts:
-        run = _polished(ParameterSpace(family, observations, fixed, start), observations, settings, tolerances, progress)
+    for i, start in enumerate(starts):
+        # the first start is the user's, whose space is built already (its start rule costs passes over the data)
+        start_space = space if i == 0 else ParameterSpace(family, observations, fixed, start)
+        run = _polished(start_space, observations, settings, tolerances, progress)
         if best is None or (not run.reason.startswith("diverged") and run.mean_nll < best.mean_nll):
             best = run
     return _result(space, observations, settings, best)
@@ -457,11 +574,15 @@ def _polished(
     if family.polish is None or run.reason.startswith("diverged"):
         return run
     for _ in range(MAX_POLISH_ROUNDS):
-        candidates = family.polish(observations.values, run.natural, frozenset(space.free), observations.weights)
+        stand_in = observations.pseudo()
+        candidates = family.polish(stand_in.values, run.natural, frozenset(space.free), stand_in.weights)
         improved = None
         for held in candidates:
             start = {n: run.natural[n] for n in space.free if n not in held}
             polished_space = ParameterSpace(family, observations, space.fixed, start, held=held)
+            at_start = {**polished_space.fixed, **held, **polished_space.start}
+            if not math.isfinite(float(observations.log_likelihood(family, at_start))):
+                continue  # censored rows reach past this bound of the exact values: no candidate
             polished = _optimise(polished_space, observations, settings, tolerances, progress, len(run.rows))
             if polished.mean_nll < (improved or run).mean_nll:
                 improved = polished
@@ -505,3 +626,16 @@ def _result(space: ParameterSpace, observations: Observations, settings: FitSett
 
 def _show(value: Tensor) -> str:
     return f"{value.item():g}" if value.numel() == 1 else str([round(v, 6) for v in value.flatten().tolist()])
+
+
+SPREAD_SAMPLE = 100_000
+
+
+def _robust_spread(values: Tensor) -> float:
+    """1.4826 × the median absolute deviation of (a strided subsample of) the data, falling back to
+    the range and then to 1 for data that is mostly ties."""
+    sample = values[:: max(1, values.numel() // SPREAD_SAMPLE)].double()
+    for spread in ((sample - sample.median()).abs().median() * 1.4826, sample.max() - sample.min()):
+        if math.isfinite(float(spread)) and float(spread) > 0:
+            return float(spread)
+    return 1.0

@@ -36,11 +36,14 @@ class Simulation(_Frozen):
 
 
 class DataSpec(_Frozen):
-    """Where the data come from: a column of a CSV/Parquet file, or a simulation. `holdout` is the
-    fraction kept out of the fit for the held-out NLL."""
+    """Where the data come from: a column of a CSV/Parquet file, or a simulation. `censored`
+    names two columns [LEFT, RIGHT] instead of `column`, in fitdistrplus's convention (equal: exact;
+    LEFT empty: left-censored at RIGHT; RIGHT empty: right-censored at LEFT; else the interval
+    (LEFT, RIGHT]). `holdout` is the fraction kept out of the fit for the held-out NLL."""
 
     path: str | None = None
     column: str | None = None
+    censored: list[str] | None = None
     weights: str | None = None
     simulate: Simulation | None = None
     holdout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -50,9 +53,14 @@ class DataSpec(_Frozen):
     def _one_source(self) -> DataSpec:
         if (self.path is None) == (self.simulate is None):
             raise ValueError("give exactly one of path (with column) or simulate")
+        if self.censored is not None:
+            if self.path is None or self.column:
+                raise ValueError("censored names the two columns of a file (path), instead of column")
+            if len(self.censored) != 2 or self.censored[0] == self.censored[1]:
+                raise ValueError(f"censored needs two different columns [LEFT, RIGHT], got {self.censored}")
         if self.path is not None:
-            if not self.column:
-                raise ValueError("path needs a column")
+            if not self.column and self.censored is None:
+                raise ValueError("path needs a column (or censored: [LEFT, RIGHT])")
             if not Path(self.path).is_file():
                 raise ValueError(f"data file not found: {self.path}")
         return self
@@ -66,16 +74,29 @@ class OptimizerSpec(_Frozen):
     ftol: float | None = Field(None, ge=0)
 
 
+class BootstrapSpec(_Frozen):
+    """`replicates` refits on resampled data, run as one batched program, for percentile intervals
+    at `level` of every free parameter: `nonparametric` resamples the rows, `parametric` draws
+    from the fit (and also gives goodness-of-fit p-values for estimated parameters)."""
+
+    replicates: int = Field(ge=2)
+    kind: Literal["nonparametric", "parametric"] = "nonparametric"
+    seed: int = 0
+    level: float = Field(0.95, gt=0.0, lt=1.0)
+
+
 class SweepSpec(_Frozen):
     """The grid of a sweep: every combination of the listed learning rates, optimisers and
     simulation seeds (an empty list keeps the spec's own value). `fan_out`: `threads` runs the
     children in this process; `deployment` submits each as a run of the fit deployment, so any
-    worker of the pool can take it."""
+    worker of the pool can take it; `batched` fits them all as one tensor program (for
+    configurations that share their data and differ only in lr and the optimizer adam or sgd),
+    then records each child as `threads` does."""
 
     lr: list[float] = Field(default_factory=list)
     optimizer: list[OptimizerName] = Field(default_factory=list)
     seed: list[int] = Field(default_factory=list)
-    fan_out: Literal["threads", "deployment"] = "threads"
+    fan_out: Literal["threads", "deployment", "batched"] = "threads"
     deployment: str = "fit/fit"
     timeout_seconds: float = Field(3600.0, gt=0)
 
@@ -100,6 +121,7 @@ class ExperimentSpec(_Frozen):
     init: dict[str, ParamValue] = Field(default_factory=dict)
     optimizer: OptimizerSpec = OptimizerSpec()
     sweep: SweepSpec | None = None
+    bootstrap: BootstrapSpec | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float64", "float32"] = "float64"
     run_name: str | None = None
@@ -108,6 +130,16 @@ class ExperimentSpec(_Frozen):
     @classmethod
     def _known_family(cls, name: str) -> str:
         return get_family(name).name
+
+    @model_validator(mode="after")
+    def _batchable(self) -> ExperimentSpec:
+        if self.sweep is not None and self.sweep.fan_out == "batched":
+            from tasks.batched import check_batchable
+
+            if len(self.sweep.seed) > 1:
+                raise ValueError("a batched sweep fits one data set: list at most one sweep.seed, or use fan_out: threads")
+            check_batchable(get_family(self.family), self.sweep.optimizer or [self.optimizer.name], self.init)
+        return self
 
     @property
     def simulation_family(self) -> str:
@@ -149,6 +181,41 @@ class ExperimentSpec(_Frozen):
             return self.run_name
         lr = f" lr={self.optimizer.lr:g}" if self.optimizer.lr is not None else ""
         return f"{self.family} {self.optimizer.name}{lr}"
+
+
+FAMILY_GROUPS = ("continuous", "discrete")
+
+
+class ComparisonSpec(_Frozen):
+    """Several families fitted to one data set and ranked by AIC. `families` lists family names
+    or one group: `continuous` or `discrete` (every such family whose support holds the data)."""
+
+    name: str = Field(min_length=1)
+    families: list[str] = Field(min_length=1)
+    data: DataSpec
+    optimizer: OptimizerSpec = OptimizerSpec()
+    bootstrap: BootstrapSpec | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float64", "float32"] = "float64"
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, names: list[str]) -> list[str]:
+        if len(names) == 1 and names[0] in FAMILY_GROUPS:
+            return names
+        grouped = [name for name in names if name in FAMILY_GROUPS]
+        if grouped:
+            raise ValueError(f"the group {grouped[0]!r} cannot be mixed with family names")
+        if len(set(names)) != len(names):
+            raise ValueError("families are listed more than once")
+        return [get_family(name).name for name in names]
+
+    def configuration(self, family: str) -> ExperimentSpec:
+        """The fit of one family, as a child of the comparison."""
+        return ExperimentSpec(
+            name=self.name, family=family, data=self.data, optimizer=self.optimizer, bootstrap=self.bootstrap,
+            device=self.device, dtype=self.dtype, run_name=family,
+        )
 
 
 def format_validation_error(error: ValidationError, source: str = "spec") -> str:

@@ -84,7 +84,10 @@ def test_fit_flow_records_trace_params_metrics_and_artifacts(tracker, tmp_path):
     )
     for plot in ("plots/loss.png", "plots/density.png", "plots/qq.png"):
         assert download(tracker, run.info.run_id, plot, tmp_path).read_bytes().startswith(PNG_MAGIC)
-    assert set(summary["timings"]) == {"load", "fit", "evaluate", "record"}
+    timings = summary["timings"]
+    assert set(timings) == {"load", "fit", "evaluate", "record", "total"}
+    # the total is the flow body's wall time: it covers the four laps
+    assert timings["total"] >= sum(timings[k] for k in ("load", "fit", "evaluate", "record")) > 0
 
 
 def test_diverged_fit_is_a_failed_flow_and_a_failed_run(tracker, tmp_path):

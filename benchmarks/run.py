@@ -1,0 +1,454 @@
+"""nllflow against scipy.stats on the same data, and the costs around a fit (`make bench`).
+
+    .venv/bin/python benchmarks/run.py [--quick] [--device cpu|cuda] [--dtype float64 float32]
+                                       [--repeats 3] [--skip-fixed] [--out benchmarks/results]
+
+In one run, on data drawn once per family and size and handed to both sides:
+- scipy.stats `fit` (floc=0 for the positive families; Student-t with all three parameters) against
+  nllflow's `fit_mle` (L-BFGS, the default) for gamma, lognormal, Weibull and Student-t at
+  N = 1e4, 1e5, 1e6: medians of --repeats runs (one run where scipy takes over 10 s), imports and
+  data generation excluded, each nllflow run on a fresh Observations (its statistics computed
+  inside the timing). Both NLLs are computed by scipy's logpdf at each side's estimate. "one pass"
+  is the time of np.log(x).sum() (of |x| for Student-t): the data-pass floor.
+- Student-t at N = 1e7, nllflow alone, in a subprocess: fit time and peak memory (the RSS high-water
+  mark above the process's RSS before the data were loaded; on CUDA the allocator's peak).
+- The batched sweep: K = 16 Adam learning rates in one tensor program against one fit and against
+  the 16 fits one after another.
+- Recording: `Tracker.record_fit` of a fit with a 1000-step trace into a fresh SQLite MLflow store,
+  against the fit's own time.
+- Fixed costs: `nllflow --help`, `nllflow families`, a refused input, whether those import Prefect
+  or MLflow, a Prefect temporary server's start, an MLflow store's creation, and one whole
+  `nllflow fit --json` with the timings it reports.
+It prints the tables and every target with its measured value, and writes results.parquet and
+results.png to --out (git-ignored). --device cuda runs the nllflow side on the GPU (data moved there
+before the clock starts, CUDA synchronised) and exits cleanly with a note where CUDA is absent.
+--quick is a smoke run at small N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.families import get_family  # noqa: E402
+from tasks.fitting import FitSettings, Observations, fit_mle  # noqa: E402
+
+SLOW_SECONDS = 10.0  # a scipy fit slower than this is timed once
+NLL_TOLERANCE = 1e-9  # nllflow's NLL may exceed scipy's by this fraction of |NLL|
+TARGET_N = 1_000_000  # where the fit-time ratios are judged
+SWEEP_K = 16
+RECORD_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class Case:
+    """A family, how to draw data from it, and how scipy fits it (its estimate in nllflow's names)."""
+
+    draw: Callable[[np.random.Generator, int], np.ndarray]
+    scipy_fit: Callable[[np.ndarray], dict[str, float]]
+    ratio_target: float  # nllflow / scipy fit time at the largest size
+
+
+CASES: dict[str, Case] = {
+    "gamma": Case(
+        lambda rng, n: rng.gamma(2.5, 1 / 1.7, n),
+        lambda x: (lambda t: {"concentration": t[0], "rate": 1 / t[2]})(stats.gamma.fit(x, floc=0)),
+        1.0,
+    ),
+    "lognormal": Case(
+        lambda rng, n: rng.lognormal(0.3, 0.8, n),
+        lambda x: (lambda t: {"loc": math.log(t[2]), "scale": t[0]})(stats.lognorm.fit(x, floc=0)),
+        1.0,
+    ),
+    "weibull": Case(
+        lambda rng, n: 2.0 * rng.weibull(1.5, n),
+        lambda x: (lambda t: {"scale": t[2], "concentration": t[0]})(stats.weibull_min.fit(x, floc=0)),
+        0.1,
+    ),
+    "studentt": Case(
+        lambda rng, n: 1.0 + 2.0 * rng.standard_t(4.0, n),
+        lambda x: (lambda t: {"df": t[0], "loc": t[1], "scale": t[2]})(stats.t.fit(x)),
+        0.1,
+    ),
+}
+
+
+def scipy_nll(name: str, params: dict[str, float], x: np.ndarray) -> float:
+    """The one judge of both estimates: scipy's log-density, through the registry's mapping."""
+    return float(-get_family(name).scipy(params).logpdf(x).sum())
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(function: Callable[[], Any], repeats: int, device: str = "cpu") -> tuple[float, Any]:
+    """Median wall time of `repeats` calls (one when the first is slow) and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        result = function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if times[0] > SLOW_SECONDS:
+            break
+    return float(np.median(times)), result
+
+
+def nllflow_fit(name: str, x: torch.Tensor, settings: FitSettings = FitSettings()):
+    return fit_mle(get_family(name), Observations(x), settings=settings)
+
+
+def compare_with_scipy(
+    families: list[str], sizes: list[int], repeats: int, device: str = "cpu", dtype: str = "float64", seed: int = 0
+) -> list[dict[str, Any]]:
+    """Both fitters on the same data per family and size; both NLLs judged by scipy."""
+    rows = []
+    torch_dtype = getattr(torch, dtype)
+    for name in families:
+        case = CASES[name]
+        nllflow_fit(name, torch.as_tensor(case.draw(np.random.default_rng(seed), 100), dtype=torch_dtype, device=device))
+        for n in sizes:
+            x = case.draw(np.random.default_rng(seed + n), n)
+            tensor = torch.as_tensor(x, dtype=torch_dtype, device=device)
+            positive = x if x.min() > 0 else np.abs(x)
+            one_pass, _ = timed(lambda: np.log(positive).sum(), repeats)
+            scipy_s, scipy_params = timed(lambda: case.scipy_fit(x), repeats)
+            ours_s, result = timed(lambda: nllflow_fit(name, tensor), repeats, device)
+            ours_nll, theirs_nll = scipy_nll(name, result.params, x), scipy_nll(name, scipy_params, x)
+            target = case.ratio_target if n == TARGET_N else None
+            rows.append({
+                "section": "vs scipy", "name": name, "n": n, "device": device, "dtype": dtype,
+                "scipy_s": scipy_s, "nllflow_s": ours_s, "ratio": ours_s / scipy_s, "one_pass_s": one_pass,
+                "steps": result.steps, "converged": result.converged,
+                "nll_scipy": theirs_nll, "nll_nllflow": ours_nll, "nll_diff": ours_nll - theirs_nll,
+                "nll_ok": ours_nll <= theirs_nll + NLL_TOLERANCE * abs(theirs_nll),
+                "target": f"ratio <= {target:g}" if target is not None else "",
+                "met": (ours_s / scipy_s <= target) if target is not None else None,
+            })
+            print(_format_scipy_row(rows[-1]), flush=True)
+    return rows
+
+
+def _format_scipy_row(row: dict[str, Any]) -> str:
+    verdict = "" if row["met"] is None else ("  target met" if row["met"] else "  target NOT met")
+    return (f"{row['name']:10s} {row['n']:>10,d} {row['scipy_s'] * 1e3:11.2f} {row['nllflow_s'] * 1e3:11.2f} "
+            f"{row['ratio']:8.3f} {row['one_pass_s'] * 1e3:10.2f} {row['steps']:6d} {row['nll_diff']:+12.3e} "
+            f"{'yes' if row['nll_ok'] else 'NO':>6s}{verdict}")
+
+
+# --- Student-t at 1e7: time and peak memory in a process of its own -----------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def big_fit_child(path: str, device: str, dtype: str, repeats: int) -> None:
+    """In the subprocess: load the data, fit it `repeats` times, print one JSON line."""
+    torch_dtype = getattr(torch, dtype)
+    nllflow_fit("studentt", torch.as_tensor(np.random.default_rng(0).standard_t(4.0, 1000), dtype=torch_dtype, device=device))
+    before = _rss_bytes()
+    x = np.load(path)
+    tensor = torch.as_tensor(x, dtype=torch_dtype, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, result = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        result = nllflow_fit("studentt", tensor)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _maxrss_bytes() - before)
+    print(json.dumps({"times": times, "peak_bytes": peak, "data_bytes": tensor.numel() * tensor.element_size(),
+                      "steps": result.steps, "converged": result.converged, "params": result.params}))
+
+
+def big_fit(n: int, repeats: int, device: str, dtype: str) -> dict[str, Any]:
+    """The Student-t fit at `n` points in a subprocess (see `big_fit_child`)."""
+    x = CASES["studentt"].draw(np.random.default_rng(7), n)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.npy"
+        np.save(path, x)
+        del x
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-big", str(path), "--device", device, "--dtype", dtype,
+             "--repeats", str(repeats), "--threads", str(torch.get_num_threads())],
+            capture_output=True, text=True, check=True,
+        )
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    seconds = float(np.median(found["times"]))
+    memory = found["peak_bytes"] / found["data_bytes"]
+    print(f"studentt   {n:>9,d}  fit {seconds:.3f} s (first {found['times'][0]:.3f} s), {found['steps']} steps, "
+          f"peak memory {found['peak_bytes'] / 2**20:.0f} MiB = {memory:.2f} x the data "
+          f"({found['data_bytes'] / 2**20:.0f} MiB)", flush=True)
+    return {"section": "1e7", "name": "studentt", "n": n, "device": device, "dtype": dtype, "nllflow_s": seconds,
+            "steps": found["steps"], "converged": found["converged"], "value": memory,
+            "target": "fit <= 2 s and peak memory <= 3x data", "met": seconds <= 2.0 and memory <= 3.0}
+
+
+# --- the batched sweep ---------------------------------------------------------------------------
+
+
+def batched_sweep(name: str, n: int, device: str, dtype: str, repeats: int) -> dict[str, Any]:
+    from tasks.batched import fit_batched
+
+    x = torch.as_tensor(CASES[name].draw(np.random.default_rng(3), n), dtype=getattr(torch, dtype), device=device)
+    rates = np.logspace(-3, -0.5, SWEEP_K).tolist()
+    settings = [FitSettings("adam", lr, 300) for lr in rates]
+    one = FitSettings("adam", 0.05, 300)
+    nllflow_fit(name, x[:100], one)
+    one_s, single = timed(lambda: nllflow_fit(name, x, one), repeats, device)
+    batched_s, results = timed(lambda: fit_batched(get_family(name), Observations(x), settings), repeats, device)
+    sequential_s, _ = timed(lambda: [nllflow_fit(name, x, s) for s in settings], 1, device)
+    steps = sum(r.steps for r in results)
+    ratio = batched_s / one_s
+    print(f"{name:10s} {n:>9,d}  one fit {one_s:.3f} s ({single.steps} steps)  {SWEEP_K} fits batched {batched_s:.3f} s "
+          f"({steps} row-steps)  one by one {sequential_s:.3f} s  batched/one {ratio:.2f}  "
+          f"{'target met' if ratio <= 3 else 'target NOT met'}", flush=True)
+    return {"section": "batched sweep", "name": name, "n": n, "device": device, "dtype": dtype,
+            "nllflow_s": batched_s, "one_fit_s": one_s, "sequential_s": sequential_s, "ratio": ratio,
+            "steps": steps, "target": "batched <= 3x one fit", "met": ratio <= 3.0}
+
+
+# --- recording overhead --------------------------------------------------------------------------
+
+
+def recording(n: int, repeats: int) -> list[dict[str, Any]]:
+    """A 1000-step Adam trace recorded into a fresh SQLite store: the trace alone (its metric
+    histories and trace.parquet: the target) and the whole `record_fit` (parameters, final metrics,
+    artifacts and three plots). The store's creation is timed apart, as a fixed cost."""
+    home = Path(tempfile.mkdtemp(prefix="nllflow-bench-"))
+    os.environ["NLLFLOW_HOME"] = str(home)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    from tasks import experiment
+    from tasks.recording import Tracker, _trace_metrics
+    from tasks.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "bench-record", "family": "gamma", "device": "cpu",
+        "data": {"simulate": {"params": {"concentration": 2.5, "rate": 1.7}, "n": n, "seed": 1}},
+        "init": {"concentration": 0.8, "rate": 2.0},
+        "optimizer": {"name": "adam", "lr": 0.01, "max_steps": RECORD_STEPS - 1, "gtol": 1e-300, "ftol": 0.0},
+    })
+    data = experiment.load_data(spec)
+    problem = experiment.build_problem(spec, data)
+    fit_s, result = timed(lambda: experiment.optimise(problem), repeats)
+    evaluation = experiment.evaluate(problem, data, result)
+    start = time.perf_counter()
+    tracker = Tracker()
+    experiment_id = tracker.experiment_id(spec.name)
+    store_s = time.perf_counter() - start
+
+    def trace_only() -> None:
+        run_id = tracker.client.create_run(experiment_id).info.run_id
+        tracker._log_metrics(run_id, _trace_metrics(result.trace))
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "trace.parquet"
+            result.trace.to_parquet(path, index=False)
+            tracker.client.log_artifact(run_id, str(path))
+        tracker.client.set_terminated(run_id)
+
+    trace_s, _ = timed(trace_only, repeats)
+    record_s, _ = timed(lambda: tracker.record_fit(spec, data, problem, result, evaluation), repeats)
+    limit = max(0.1 * fit_s, 0.3)
+    print(f"a {len(result.trace)}-step trace (metric histories + trace.parquet): {trace_s:.3f} s for a fit of {fit_s:.3f} s "
+          f"(+{trace_s / fit_s:.0%})  {'target met' if trace_s <= limit else 'target NOT met'}\n"
+          f"the whole record_fit (parameters, metrics, trace, fit table, plots of n={n:,d}): {record_s:.3f} s\n"
+          f"creating the SQLite store and its experiment (a fixed cost): {store_s:.3f} s", flush=True)
+    return [
+        {"section": "recording", "name": "trace", "n": n, "nllflow_s": trace_s, "one_fit_s": fit_s,
+         "ratio": trace_s / fit_s, "steps": len(result.trace), "device": "cpu",
+         "target": "<= 10% of the fit or <= 0.3 s", "met": trace_s <= limit},
+        {"section": "recording", "name": "record_fit", "n": n, "nllflow_s": record_s, "one_fit_s": fit_s,
+         "ratio": record_s / fit_s, "steps": len(result.trace), "device": "cpu"},
+        {"section": "fixed", "name": "MLflow SQLite store creation", "nllflow_s": store_s},
+    ]
+
+
+# --- fixed costs ---------------------------------------------------------------------------------
+
+
+def _run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    return time.perf_counter() - start, done
+
+
+def fixed_costs(repeats: int, n: int) -> list[dict[str, Any]]:
+    cli = str(Path(sys.executable).parent / "nllflow")
+    rows = []
+    for label, args in (("nllflow --help", ["--help"]), ("nllflow families", ["families"]),
+                        ("nllflow fit, refused input", ["fit", "--data", "missing.csv", "--column", "x", "--family", "gamma"])):
+        seconds = float(np.median([_run([cli, *args])[0] for _ in range(repeats)]))
+        rows.append({"section": "fixed", "name": label, "nllflow_s": seconds})
+    probe = ("import sys, json; from flows.cli import main; main({args!r}); "
+             "print(json.dumps({{m: m in sys.modules for m in ('prefect', 'mlflow', 'torch')}}))")
+    for label, args in (("families", ["families"]), ("refused input", ["fit", "--data", "missing.csv", "--column", "x",
+                                                                         "--family", "gamma"])):
+        _, done = _run([sys.executable, "-c", probe.format(args=args)])
+        imported = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"section": "fixed", "name": f"imports of nllflow {label}",
+                     "note": ", ".join(f"{k}: {'imported' if v else 'not imported'}" for k, v in imported.items()),
+                     "met": not (imported["prefect"] or imported["mlflow"]), "target": "no prefect, no mlflow"})
+    with tempfile.TemporaryDirectory() as home:
+        server = ("import time, prefect\nstart = time.perf_counter()\n@prefect.flow\ndef noop():\n    return 1\n"
+                  "noop()\nprint(time.perf_counter() - start)")
+        for label in ("a fresh PREFECT_HOME", "its database in place"):
+            _, done = _run([sys.executable, "-c", server], {"PREFECT_HOME": home, "PREFECT_API_URL": "",
+                                                              "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+            rows.append({"section": "fixed", "name": f"Prefect temporary server + one flow, {label}",
+                         "nllflow_s": float(done.stdout.strip().splitlines()[-1]), "note": "import prefect excluded"})
+        data = Path(home) / "x.parquet"
+        pd.DataFrame({"x": CASES["gamma"].draw(np.random.default_rng(2), n)}).to_parquet(data)
+        env = {"PREFECT_HOME": home, "NLLFLOW_HOME": home, "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+        wall, done = _run([cli, "fit", "--data", str(data), "--column", "x", "--family", "gamma", "--json",
+                           "--device", "cpu"], env)
+        timings = json.loads(done.stdout.strip().splitlines()[-1])["timings"]
+        rows.append({"section": "fixed", "name": f"nllflow fit --json, n={n:,d}: whole process", "nllflow_s": wall,
+                     "note": ", ".join(f"{k} {v:.3f} s" for k, v in timings.items())})
+    for row in rows:
+        seconds = f"{row['nllflow_s']:8.3f} s" if "nllflow_s" in row else " " * 10
+        print(f"{row['name']:52s} {seconds}  {row.get('note', '')}", flush=True)
+    return rows
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versus = table[table["section"] == "vs scipy"]
+    names = list(dict.fromkeys(versus["name"]))
+    if not names:
+        return
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        for (device, dtype), rows in versus[versus["name"] == name].groupby(["device", "dtype"]):
+            axis.plot(rows["n"], rows["nllflow_s"], "o-", label=f"nllflow {device} {dtype}")
+        rows = versus[(versus["name"] == name)].drop_duplicates("n")
+        axis.plot(rows["n"], rows["scipy_s"], "s--", color="k", label="scipy.stats fit")
+        axis.plot(rows["n"], rows["one_pass_s"], ":", color="grey", label="one pass (np.log sum)")
+        axis.set(xscale="log", yscale="log", xlabel="N", ylabel="seconds", title=name)
+        axis.legend(fontsize="x-small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report_targets(table: pd.DataFrame, quick: bool) -> None:
+    print("\nTargets")
+    versus = table[(table["section"] == "vs scipy") & (table["dtype"] == "float64")]
+    if len(versus):
+        worst = versus.loc[(versus["nll_diff"] / versus["nll_scipy"].abs()).idxmax()]
+        print(f"  NLL <= scipy's + {NLL_TOLERANCE:g}|NLL| in every comparison: {'met' if versus['nll_ok'].all() else 'NOT met'} "
+              f"(largest relative difference {worst['nll_diff'] / abs(worst['nll_scipy']):+.2e}, {worst['name']} "
+              f"n={int(worst['n']):,d})")
+    if quick:
+        print("  (a --quick run: the speed targets are judged at the full sizes only)")
+    for row in table[table["met"].notna() & (table["section"] != "fixed")].itertuples():
+        value = f"ratio {row.ratio:.3f}" if isinstance(row.ratio, float) and math.isfinite(row.ratio) else ""
+        if row.section == "1e7":
+            value = f"{row.nllflow_s:.3f} s, peak memory {row.value:.2f}x the data"
+        print(f"  {row.section:13s} {row.name:10s} n={int(row.n):>10,d} {row.device or '':5s} {row.target:32s} {value:42s} "
+              f"{'met' if row.met else 'NOT met'}")
+    for row in table[(table["section"] == "fixed") & table["met"].notna()].itertuples():
+        print(f"  {row.name:45s} {row.target:32s} {row.note:42s} {'met' if row.met else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run at small N")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=["float64"], choices=["float64", "float32"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own choice)")
+    parser.add_argument("--skip-fixed", action="store_true", help="leave out the fixed costs (servers, CLI)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child-big", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child_big:
+        big_fit_child(args.child_big, args.device, args.dtype[0], args.repeats)
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available here: the CUDA benchmark is skipped (run it on a machine with a GPU)")
+        return 0
+    sizes = [1_000, 10_000] if args.quick else [10_000, 100_000, 1_000_000]
+    big_n = 100_000 if args.quick else 10_000_000
+    load = os.getloadavg()[0]
+    print(f"nllflow benchmark: {args.device}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, load average {load:.1f}" + (" (a busy machine: timings are noisy)" if load > 1 else ""))
+    rows: list[dict[str, Any]] = []
+    for dtype in args.dtype:
+        print(f"\nscipy.stats fit vs nllflow fit_mle (L-BFGS), {dtype}, medians of {args.repeats}; nll_diff = "
+              "nllflow NLL - scipy NLL (negative: nllflow better), both by scipy's logpdf")
+        print(f"{'family':10s} {'N':>10s} {'scipy ms':>11s} {'nllflow ms':>11s} {'ratio':>8s} {'1 pass ms':>10s} "
+              f"{'steps':>6s} {'nll_diff':>12s} {'NLL ok':>6s}")
+        rows += compare_with_scipy(list(CASES), sizes, args.repeats, args.device, dtype)
+    print(f"\nStudent-t at N={big_n:,d}, nllflow alone, in a subprocess")
+    for dtype in args.dtype:
+        rows.append(big_fit(big_n, args.repeats, args.device, dtype))
+    print(f"\nBatched sweep: K={SWEEP_K} Adam learning rates in one tensor program (300 steps at most)")
+    for name, n in (("gamma", 1_000 if args.quick else 100_000), ("studentt", 1_000 if args.quick else 10_000),
+                    ("studentt", 10_000 if args.quick else 100_000)):
+        rows.append(batched_sweep(name, n, args.device, args.dtype[0], args.repeats))
+    if not args.skip_fixed:
+        print("\nRecording (MLflow + Parquet) against the fit")
+        rows += recording(1_000 if args.quick else 100_000, args.repeats)
+        print("\nFixed costs")
+        rows += fixed_costs(args.repeats, 1_000 if args.quick else 100_000)
+    table = pd.DataFrame(rows)
+    if args.quick:  # the targets are set for the full sizes: a smoke run judges only the NLLs
+        table.loc[table["section"].isin(["1e7", "batched sweep", "recording"]), "met"] = None
+    for column in ("note", "target", "device"):
+        if column not in table:
+            table[column] = ""
+        table[column] = table[column].fillna("")
+    for column in ("ratio", "value", "met"):
+        if column not in table:
+            table[column] = None
+    report_targets(table, args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.assign(load_average=load, torch_threads=torch.get_num_threads()).to_parquet(args.out / "results.parquet",
+                                                                                     index=False)
+    plot(table, args.out / "results.png")
+    print(f"\nwrote {args.out / 'results.parquet'} and {args.out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
