@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows.fit import flow_run_tags
 from flows.recovery import recover_abandoned_runs
-from flows.sweep import _fit_in_threads, _load_checked
+from flows.sweep import fit_in_threads, load_checked
 from tasks import steps
 from tasks.families import get_family
 from tasks.spec import ComparisonSpec
@@ -30,11 +30,11 @@ def compare(spec: ComparisonSpec) -> dict[str, Any]:
     diverges is listed as failed; the comparison itself completes."""
     recover_abandoned_runs()
     plan = steps.plan_comparison(spec)
-    loaded = _load_checked(plan.configurations)
+    loaded = load_checked(plan.configurations)
     families = [configuration.family for configuration in plan.configurations]
     parent = steps.start_comparison(spec, families, flow_run_tags())
     try:
-        missing = _fit_in_threads(plan.configurations, parent, loaded)
+        missing = fit_in_threads(plan.configurations, parent, loaded)
         summary = steps.finish_comparison(parent, missing, next(iter(loaded.values())))
     except BaseException as error:
         steps.fail_run(parent, f"the comparison stopped: {type(error).__name__}: {error}"[:500])

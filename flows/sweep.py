@@ -29,7 +29,7 @@ def sweep(spec: ExperimentSpec) -> dict[str, Any]:
     sweep stopped by an error leaves its parent FAILED with the reason."""
     configurations = spec.configurations()
     recover_abandoned_runs()
-    loaded = _load_checked(configurations)
+    loaded = load_checked(configurations)
     parent = steps.start_sweep(spec, flow_run_tags())
     try:
         if spec.sweep is not None and spec.sweep.fan_out == "deployment":
@@ -37,7 +37,7 @@ def sweep(spec: ExperimentSpec) -> dict[str, Any]:
         elif spec.sweep is not None and spec.sweep.fan_out == "batched":
             missing = _fit_batched(configurations, parent, loaded)
         else:
-            missing = _fit_in_threads(configurations, parent, loaded)
+            missing = fit_in_threads(configurations, parent, loaded)
         summary = steps.finish_sweep(parent, missing)
     except BaseException as error:
         steps.fail_run(parent, f"the sweep stopped: {type(error).__name__}: {error}"[:500])
@@ -54,7 +54,7 @@ def sweep(spec: ExperimentSpec) -> dict[str, Any]:
     }
 
 
-def _load_checked(configurations: list[ExperimentSpec]) -> dict[str, SplitSample]:
+def load_checked(configurations: list[ExperimentSpec]) -> dict[str, SplitSample]:
     """Each distinct data set, loaded and checked with the configurations' fixed and initial
     values: an InputError here fails the sweep instead of producing a sweep of failed children."""
     loaded: dict[str, SplitSample] = {}
@@ -66,9 +66,9 @@ def _load_checked(configurations: list[ExperimentSpec]) -> dict[str, SplitSample
     return loaded
 
 
-def _fit_in_threads(configurations: list[ExperimentSpec], parent: str, loaded: dict[str, SplitSample]) -> dict[str, str]:
+def fit_in_threads(configurations: list[ExperimentSpec], parent: str, loaded: dict[str, SplitSample]) -> dict[str, str]:
     """The fit flow's steps as task futures, one chain per configuration, on the flow's thread
-    pool, on the data loaded by `_load_checked`."""
+    pool, on the data loaded by `load_checked`."""
     tags = flow_run_tags()
     chains: list[tuple[ExperimentSpec, list[PrefectFuture]]] = []
     for configuration in configurations:
@@ -85,7 +85,7 @@ def _fit_in_threads(configurations: list[ExperimentSpec], parent: str, loaded: d
 def _fit_batched(configurations: list[ExperimentSpec], parent: str, loaded: dict[str, SplitSample]) -> dict[str, str]:
     """Every configuration (one data set; they differ only in lr and optimizer, as the spec checks)
     fitted as one tensor program, then each evaluated and recorded as its own child run, exactly
-    as in `_fit_in_threads`."""
+    as in `fit_in_threads`."""
     tags = flow_run_tags()
     data = loaded[configurations[0].data.model_dump_json()]
     fitted = steps.optimise_batched.submit(configurations, data)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -41,31 +40,22 @@ LOG_PI = math.log(math.pi)
 CPU_CHUNK = 1 << 16
 CUDA_CHUNK = 1 << 24
 
-_THREADS_LOCK = threading.Lock()
-_serial_depth = 0
-_saved_threads = 1
-
-
 @contextmanager
 def _serial():
     """torch's intra-op threads set to 1 while chunks are walked. Each operation on a chunk would
     otherwise open an OpenMP parallel region (log and exp do from 2048 elements), and with every
     core busy elsewhere each region waits for a descheduled thread: measured here, a 1e7-point
-    Student-t fit took 11-20 s with 2 threads on a loaded 2-core machine and 0.7 s with 1. The
-    setting is process-wide, so nested and concurrent users share one save and restore."""
-    global _serial_depth, _saved_threads
-    with _THREADS_LOCK:
-        if _serial_depth == 0:
-            _saved_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _serial_depth += 1
+    Student-t fit took 11-20 s with 2 threads on a loaded 2-core machine and 0.7 s with 1.
+    OpenMP keeps this setting per thread, so fits running in other threads keep theirs."""
+    saved = torch.get_num_threads()
+    if saved == 1:
+        yield
+        return
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        with _THREADS_LOCK:
-            _serial_depth -= 1
-            if _serial_depth == 0:
-                torch.set_num_threads(_saved_threads)
+        torch.set_num_threads(saved)
 
 
 TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {

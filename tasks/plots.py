@@ -212,9 +212,23 @@ def _censored_ecdf(axis, sample: Sample, grid: np.ndarray) -> None:
     axis.plot(low[exact], height[exact], "o", color=DATA_COLOUR, ms=3, label="exact values")
 
 
+MAX_PLOTTED_POINTS = 2000
+
+
+def _thinned(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted data and their empirical probabilities, at most MAX_PLOTTED_POINTS of them evenly
+    spaced in rank (the extremes kept): a P-P or Q-Q plot of a million points shows no more, and
+    inverting the fitted CDF at each would cost seconds."""
+    x, _, empirical = _sorted(sample)
+    if len(x) > MAX_PLOTTED_POINTS:
+        keep = np.unique(np.linspace(0, len(x) - 1, MAX_PLOTTED_POINTS).round().astype(int))
+        x, empirical = x[keep], empirical[keep]
+    return x, empirical
+
+
 def pp_plot(sample: Sample, curves: Sequence[Curve], title: str) -> Figure:
     """Fitted against empirical probabilities at the data."""
-    x, _, empirical = _sorted(sample)
+    x, empirical = _thinned(sample)
     figure, axis = plt.subplots(figsize=_square(len(curves)))
     for i, curve in enumerate(curves):
         axis.scatter(empirical, np.exp(_log_cdf(curve, x)), s=8, alpha=0.6, color=_colour(i, len(curves)), label=curve.label)
@@ -227,7 +241,7 @@ def pp_plot(sample: Sample, curves: Sequence[Curve], title: str) -> Figure:
 
 def qq_plot(sample: Sample, curves: Sequence[Curve], title: str) -> Figure:
     """Empirical against fitted quantiles, at the empirical probabilities of the data."""
-    x, _, empirical = _sorted(sample)
+    x, empirical = _thinned(sample)
     figure, axis = plt.subplots(figsize=_square(len(curves)))
     shown = [x]
     for i, curve in enumerate(curves):

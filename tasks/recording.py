@@ -40,7 +40,6 @@ from tasks.fitting import FitResult, unflatten
 from tasks.spec import ComparisonSpec, ExperimentSpec
 
 MAX_METRICS_PER_BATCH = 1000
-MAX_HISTORY_POINTS = 250
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARENT_TAG = "mlflow.parentRunId"
 # the process that created a run: a run still RUNNING after that process ended was abandoned
@@ -434,14 +433,10 @@ def _finite_or_nan(value: float) -> float:
 
 
 def _trace_metrics(trace: pd.DataFrame) -> list[Metric]:
-    """Every trace column as a metric history: one point per step up to MAX_HISTORY_POINTS steps,
-    beyond that as many evenly spaced steps, the first and last included (the SQLite store takes
-    about 0.1 ms per point; trace.parquet keeps every step, and the UI's charts sample a history
-    to a few hundred points anyway)."""
+    """Every trace column as a metric history with one point per step, so the UI's charts and
+    `trace.parquet` tell the same story (about 0.06 ms per point in a SQLite store)."""
     now = int(time.time() * 1000)
     columns = [c for c in trace.columns if c not in ("step", "lr")]
-    if len(trace) > MAX_HISTORY_POINTS:
-        trace = trace.iloc[np.unique(np.linspace(0, len(trace) - 1, MAX_HISTORY_POINTS).round().astype(int))]
     steps = trace["step"].to_numpy()
     metrics = []
     for column in columns:
