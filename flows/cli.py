@@ -48,6 +48,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_run_options(parser: argparse.ArgumentParser, experiment: str) -> None:
+    """How to optimise, where, and where to record: shared by `fit` and `compare`."""
+    parser.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam", "sgd"])
+    parser.add_argument("--max-steps", type=int, default=500)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    parser.add_argument("--experiment", default=experiment, help="MLflow experiment name")
+    _add_bootstrap_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nllflow", description="Maximum-likelihood fits as tracked Prefect + MLflow experiments.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -58,14 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--family", required=True, help="a registered family (see: nllflow families)")
     fit.add_argument("--fix", action="append", metavar="NAME=VALUE", help="hold a parameter fixed (repeatable)")
     fit.add_argument("--init", action="append", metavar="NAME=VALUE", help="start value (repeatable)")
-    fit.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam", "sgd"])
     fit.add_argument("--lr", type=_positive_float, help="learning rate (default: lbfgs 1, adam 0.05, sgd 0.1)")
-    fit.add_argument("--max-steps", type=int, default=500)
     fit.add_argument("--holdout", type=float, default=0.0, help="fraction held out for the held-out NLL")
-    fit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    fit.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    fit.add_argument("--experiment", default="nllflow-fit", help="MLflow experiment name")
-    _add_bootstrap_options(fit)
+    _add_run_options(fit, "nllflow-fit")
     fit.add_argument("--plots", metavar="DIR", help="also write the diagnostic plots (PNG) into DIR")
     fit.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
     fit.set_defaults(handler=_fit_command)
@@ -74,12 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(compare)
     compare.add_argument("--families", required=True, metavar="A,B,C",
                          help="family names, or a group: continuous or discrete (those whose support holds the data)")
-    compare.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam", "sgd"])
-    compare.add_argument("--max-steps", type=int, default=500)
-    compare.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    compare.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    compare.add_argument("--experiment", default="nllflow-compare", help="MLflow experiment name")
-    _add_bootstrap_options(compare)
+    _add_run_options(compare, "nllflow-compare")
     compare.add_argument("--plots", metavar="DIR", help="also write the overlaid plots into DIR (each family's in DIR/FAMILY)")
     compare.add_argument("--json", action="store_true", help="print the ranking as one JSON list (last line)")
     compare.set_defaults(handler=_compare_command)
