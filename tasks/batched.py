@@ -196,7 +196,7 @@ def _evaluate_rows(
     while True:
         try:
             return _evaluate(space, observations, u)
-        except ValueError as error:
+        except ValueError:
             refused = torch.zeros_like(active)
             for k in torch.nonzero(active).flatten().tolist():
                 try:

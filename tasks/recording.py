@@ -24,7 +24,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import yaml
 from mlflow.entities import Metric, Param, Run

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributions as D
 from family_table import CASES, SCIPY_FITTABLE, WITH_CDF, fit_case, scipy_nll
-from scipy import stats
 from scipy.special import softmax
 
 from tasks.families import family_names, get_family

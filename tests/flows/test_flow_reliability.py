@@ -311,7 +311,7 @@ def concurrent_spec(seed: int) -> dict:
             "optimizer": {"name": "adam", "lr": 0.05, "max_steps": 30}}
 WRITER = '''"""Fit one sample per process, then record all at the same instant (fork after the imports:
 the race is in opening the store, not in importing torch)."""
-import json, multiprocessing, sys, traceback
+import json, multiprocessing, sys
 import torch
 import tasks.plots  # noqa: F401 (imported once, before the fork)
 # a forked child must not inherit a started OpenMP pool (it would hang): one thread before the fork
