@@ -5,11 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,postgres]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -17,8 +17,12 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/nllflow run experiments/gamma_lr_sweep.yaml
 
-test: setup
-	$(BIN)/python -m pytest -q
+# one test file per worker process (module-scoped servers stay in one process), at most 4 of them
+test: setup lint
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 15
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
@@ -29,9 +33,11 @@ clean:
 .PHONY: serve stop
 
 # The deployment stack on this host: Prefect and MLflow servers on 127.0.0.1, the work pools, the
-# deployments of prefect.yaml and a worker (python -m flows.serve --help). `make stop` ends it all.
+# deployments of prefect.yaml and a worker (python -m nllflow.flows.serve --help). `make stop` ends it all.
+# SERVE_ARGS passes options on: make serve SERVE_ARGS="--auth --host 10.0.0.5" (any host but loopback needs --auth)
+SERVE_ARGS ?=
 serve: setup
-	$(BIN)/python -m flows.serve start
+	$(BIN)/python -m nllflow.flows.serve start $(SERVE_ARGS)
 
 stop:
-	$(BIN)/python -m flows.serve stop
+	$(BIN)/python -m nllflow.flows.serve stop

@@ -1,5 +1,6 @@
 """The `nllflow` command: runs the same Prefect flows as the deployments, on the embedded default
-(a temporary Prefect server and a SQLite MLflow store in nllflow's home; no server to start).
+(a Prefect server that nllflow starts in the background once and reuses, see `nllflow.flows.server`,
+and a SQLite MLflow store in nllflow's home; no server to start by hand).
 
 Exit codes: 0 fitted, 1 diverged or failed, 2 bad input. Errors are one line; --debug shows the
 traceback. Prefect and MLflow are imported only once the input has been checked, so bad input is
@@ -11,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from typing import Any, Sequence
 
-from tasks.errors import InputError
+from nllflow.errors import InputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,10 +50,12 @@ def _positive_float(text: str) -> float:
 
 def _add_run_options(parser: argparse.ArgumentParser, experiment: str) -> None:
     """How to optimise, where, and where to record: shared by `fit` and `compare`."""
-    parser.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam", "sgd"])
-    parser.add_argument("--max-steps", type=int, default=500)
+    parser.add_argument("--optimizer", choices=["lbfgs", "adam", "sgd"], help="default: lbfgs (adam for a network)")
+    parser.add_argument("--max-steps", type=int, default=500, help="the step budget (a network's: epochs)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    parser.add_argument(
+        "--dtype", choices=["float64", "float32"], help="default: float64 (float32 for a network on CUDA)"
+    )
     parser.add_argument("--experiment", default=experiment, help="MLflow experiment name")
     _add_bootstrap_options(parser)
 
@@ -68,8 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--family", required=True, help="a registered family (see: nllflow families)")
     fit.add_argument("--fix", action="append", metavar="NAME=VALUE", help="hold a parameter fixed (repeatable)")
     fit.add_argument("--init", action="append", metavar="NAME=VALUE", help="start value (repeatable)")
-    fit.add_argument("--lr", type=_positive_float, help="learning rate (default: lbfgs 1, adam 0.05, sgd 0.1)")
+    _add_formula_options(fit)
+    _add_network_options(fit)
+    fit.add_argument(
+        "--lr",
+        type=_positive_float,
+        help="learning rate (default: lbfgs 1, adam 0.05, sgd 0.1; a network's: adam 0.001, sgd 0.01)",
+    )
     fit.add_argument("--holdout", type=float, default=0.0, help="fraction held out for the held-out NLL")
+    fit.add_argument("--test-data", metavar="PATH", help="a CSV or Parquet file with the same columns: its test NLL")
     _add_run_options(fit, "nllflow-fit")
     fit.add_argument("--plots", metavar="DIR", help="also write the diagnostic plots (PNG) into DIR")
     fit.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
@@ -77,10 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="fit several families to one data set and rank them by AIC")
     _add_data_options(compare)
-    compare.add_argument("--families", required=True, metavar="A,B,C",
-                         help="family names, or a group: continuous or discrete (those whose support holds the data)")
+    _add_formula_options(compare)
+    compare.add_argument(
+        "--families",
+        required=True,
+        metavar="A,B,C",
+        help="family names, or a group: continuous or discrete (those whose support holds the data)",
+    )
     _add_run_options(compare, "nllflow-compare")
-    compare.add_argument("--plots", metavar="DIR", help="also write the overlaid plots into DIR (each family's in DIR/FAMILY)")
+    compare.add_argument(
+        "--plots", metavar="DIR", help="also write the overlaid plots into DIR (each family's in DIR/FAMILY)"
+    )
     compare.add_argument("--json", action="store_true", help="print the ranking as one JSON list (last line)")
     compare.set_defaults(handler=_compare_command)
 
@@ -90,24 +106,144 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true")
     run.set_defaults(handler=_run_command)
 
+    predict = commands.add_parser(
+        "predict", help="each row's parameters, mean and quantiles from a regression or network run"
+    )
+    predict.add_argument(
+        "--run", required=True, metavar="RUN_ID", help="an MLflow run of a fit with formulas or a network"
+    )
+    predict.add_argument("--data", required=True, help="CSV or Parquet file with the covariates")
+    predict.add_argument("--quantiles", metavar="P,P,...", help="probabilities, e.g. 0.05,0.5,0.95")
+    predict.add_argument("--output", metavar="PATH", help="write CSV or Parquet here (default: CSV on stdout)")
+    predict.set_defaults(handler=_predict_command)
+
     families = commands.add_parser("families", help="list the registered families")
     families.set_defaults(handler=_families_command)
+
+    server = commands.add_parser("server", help="the Prefect server nllflow runs in the background: status, stop")
+    server.add_argument("action", choices=["status", "stop"])
+    server.set_defaults(handler=_server_command)
     return parser
+
+
+def _add_formula_options(parser: argparse.ArgumentParser) -> None:
+    """Formulas and links: a regression (shared by `fit` and `compare`)."""
+    parser.add_argument(
+        "--formula",
+        action="append",
+        metavar="'PARAM ~ TERMS'",
+        help="a linear predictor for a parameter (repeatable): 'mean ~ x + C(group)'",
+    )
+    parser.add_argument(
+        "--link",
+        action="append",
+        metavar="PARAM=NAME",
+        help="the link of a parameter with a formula: identity, log, sqrt, logit, probit, cloglog, inverse",
+    )
+
+
+def _hidden_sizes(text: str) -> list[int]:
+    """`64,64` into [64, 64]; `none` (or an empty string) is no hidden layer."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    sizes = []
+    for part in text.split(","):
+        try:
+            size = int(part)
+        except ValueError:
+            size = 0
+        if size <= 0 or str(size) != part.strip():
+            raise argparse.ArgumentTypeError(
+                f"hidden sizes are positive whole numbers like 64,64 (or none), got {text!r}"
+            )
+        sizes.append(size)
+    return sizes
+
+
+def _add_network_options(parser: argparse.ArgumentParser) -> None:
+    """A network parameter model and its training (`fit` only)."""
+    network = parser.add_argument_group("network (a neural network outputs the parameters)")
+    network.add_argument(
+        "--network",
+        metavar="'TERMS'",
+        help="the network's inputs as a formula right-hand side, 'x1 + x2 + C(group)'; its outputs are the "
+        "free parameters without --formula ('loc,scale ~ TERMS' names them)",
+    )
+    network.add_argument("--architecture", default="mlp", help="a registered network (default: mlp)")
+    network.add_argument("--hidden", type=_hidden_sizes, default=[64, 64], metavar="N,N", help="default: 64,64")
+    network.add_argument("--activation", default="relu", help="relu, tanh, gelu, elu, silu or softplus")
+    network.add_argument("--dropout", type=float, default=0.0)
+    network.add_argument("--weight-decay", type=float, default=0.0)
+    network.add_argument("--epochs", type=int, help="the epoch budget (the same as --max-steps)")
+    network.add_argument("--batch-size", type=int, help="rows per mini-batch (default: the whole data)")
+    network.add_argument("--validation", type=float, default=0.2, help="fraction of rows for early stopping")
+    network.add_argument("--patience", type=int, default=20, help="epochs without a better validation NLL")
+    network.add_argument("--scheduler", default="none", choices=["none", "plateau", "cosine"])
+    network.add_argument("--clip", type=_positive_float, help="clip the gradient norm at this value")
+    network.add_argument("--seed", type=int, default=0, help="initial weights, validation split, shuffling")
+
+
+def _network_section(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The spec's `network` and `training` sections from the options (None without --network)."""
+    network_only = {
+        "--epochs": args.epochs is not None,
+        "--batch-size": args.batch_size is not None,
+        "--clip": args.clip is not None,
+        "--dropout": args.dropout != 0.0,
+        "--weight-decay": args.weight_decay != 0.0,
+    }
+    if args.network is None:
+        given = [option for option, present in network_only.items() if present]
+        if given:
+            raise InputError(f"{given[0]} trains a network: give --network 'TERMS' too")
+        return None, {}
+    outputs, tilde, terms = args.network.rpartition("~")
+    parameters = [name.strip() for name in outputs.split(",") if name.strip()] if tilde else []
+    network = {
+        "terms": terms.strip(),
+        "parameters": parameters,
+        "architecture": args.architecture,
+        "hidden": args.hidden,
+        "activation": args.activation,
+        "dropout": args.dropout,
+    }
+    training = {
+        "batch_size": args.batch_size,
+        "validation": args.validation,
+        "patience": args.patience,
+        "scheduler": args.scheduler,
+        "clip": args.clip,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+    }
+    return network, training
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="CSV or Parquet file")
     parser.add_argument("--column", help="the column of exact observations")
-    parser.add_argument("--censored", metavar="LEFT,RIGHT",
-                        help="two columns instead of --column: equal = exact, LEFT empty = left-censored at RIGHT, "
-                             "RIGHT empty = right-censored at LEFT, else the interval (LEFT, RIGHT]")
+    parser.add_argument(
+        "--censored",
+        metavar="LEFT,RIGHT",
+        help="two columns instead of --column: equal = exact, LEFT empty = left-censored at RIGHT, "
+        "RIGHT empty = right-censored at LEFT, else the interval (LEFT, RIGHT]",
+    )
     parser.add_argument("--weights", help="column of non-negative frequency weights")
+    parser.add_argument(
+        "--drop-missing",
+        action="store_true",
+        help="leave out rows where a column the fit reads is missing (else they are refused)",
+    )
 
 
 def _add_bootstrap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, metavar="B", help="B bootstrap refits for percentile intervals")
-    parser.add_argument("--bootstrap-kind", default="nonparametric", choices=["nonparametric", "parametric"],
-                        help="resample the rows, or draw from the fit (which also gives goodness-of-fit p-values)")
+    parser.add_argument(
+        "--bootstrap-kind",
+        default="nonparametric",
+        choices=["nonparametric", "parametric"],
+        help="resample the rows, or draw from the fit (which also gives goodness-of-fit p-values)",
+    )
     parser.add_argument("--bootstrap-seed", type=int, default=0)
 
 
@@ -115,7 +251,13 @@ def _data_section(args: argparse.Namespace) -> dict[str, Any]:
     if args.column is None and args.censored is None:
         raise InputError("give --column COL, or --censored LEFT,RIGHT for censored data")
     censored = None if args.censored is None else [part.strip() for part in args.censored.split(",")]
-    return {"path": args.data, "column": args.column, "censored": censored, "weights": args.weights}
+    return {
+        "path": args.data,
+        "column": args.column,
+        "censored": censored,
+        "weights": args.weights,
+        "drop_missing": args.drop_missing,
+    }
 
 
 def _bootstrap_section(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -124,52 +266,75 @@ def _bootstrap_section(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"replicates": args.bootstrap, "kind": args.bootstrap_kind, "seed": args.bootstrap_seed}
 
 
-def _fit_command(args: argparse.Namespace) -> int:
-    from tasks.spec import parse_spec
+def _formulas(items: Sequence[str] | None) -> dict[str, str]:
+    """`PARAM ~ TERMS` options into {PARAM: TERMS}."""
+    formulas: dict[str, str] = {}
+    for item in items or []:
+        name, tilde, terms = item.partition("~")
+        if not tilde or not name.strip() or not terms.strip():
+            raise InputError(f"--formula needs 'PARAM ~ TERMS', got {item!r}")
+        if name.strip() in formulas:
+            raise InputError(f"--formula gives {name.strip()} twice")
+        formulas[name.strip()] = terms.strip()
+    return formulas
 
+
+def _links(items: Sequence[str] | None) -> dict[str, str]:
+    links = {}
+    for item in items or []:
+        name, sep, link = item.partition("=")
+        if not sep or not name or not link:
+            raise InputError(f"--link needs PARAM=NAME, got {item!r}")
+        links[name.strip()] = link.strip()
+    return links
+
+
+def _fit_command(args: argparse.Namespace) -> int:
+    from nllflow.spec import parse_spec
+
+    network, training = _network_section(args)
+    if args.epochs is not None and args.max_steps != 500 and args.epochs != args.max_steps:
+        raise InputError("--epochs and --max-steps are the same budget for a network: give one")
+    optimizer = {"lr": args.lr, "max_steps": args.epochs if args.epochs is not None else args.max_steps}
+    if args.optimizer is not None:
+        optimizer["name"] = args.optimizer
     raw = {
         "name": args.experiment,
         "family": args.family,
-        "data": {**_data_section(args), "holdout": args.holdout},
+        "data": {**_data_section(args), "holdout": args.holdout, "test_path": args.test_data},
+        "formulas": _formulas(args.formula),
+        "links": _links(args.link),
         "fix": _key_values(args.fix, "--fix"),
         "init": _key_values(args.init, "--init"),
-        "optimizer": {"name": args.optimizer, "lr": args.lr, "max_steps": args.max_steps},
+        "optimizer": optimizer,
         "bootstrap": _bootstrap_section(args),
         "device": args.device,
         "dtype": args.dtype,
     }
+    if network is not None:
+        raw.update(network=network, training=training)
     return _execute(parse_spec(raw, source="arguments"), args.json, args.plots)
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from tasks.spec import ComparisonSpec, format_validation_error
+    from nllflow.api import run_comparison
+    from nllflow.report import comparison_report
+    from nllflow.spec import parse_comparison
 
     raw = {
         "name": args.experiment,
         "families": [name.strip() for name in args.families.split(",") if name.strip()],
         "data": _data_section(args),
-        "optimizer": {"name": args.optimizer, "max_steps": args.max_steps},
+        "formulas": _formulas(args.formula),
+        "links": _links(args.link),
+        "optimizer": {"name": args.optimizer or "lbfgs", "max_steps": args.max_steps},
         "bootstrap": _bootstrap_section(args),
         "device": args.device,
         "dtype": args.dtype,
     }
-    try:
-        spec = ComparisonSpec.model_validate(raw)
-    except ValidationError as error:
-        raise InputError(format_validation_error(error, "arguments")) from None
-    from tasks.experiment import build_problem, load_data, plan_comparison
-    from tasks.recording import check_tracking
-
-    plan = plan_comparison(spec)
-    build_problem(plan.configurations[0], load_data(plan.configurations[0]))
-    check_tracking()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.compare import compare
-
-    summary = compare(spec)
-    _print_json(summary["ranking"]) if args.json else _print_comparison(spec, summary)
+    spec = parse_comparison(raw, source="arguments")
+    summary = run_comparison(spec)
+    _print_json(summary["ranking"]) if args.json else print(comparison_report(spec, summary))
     if args.plots:
         _write_plots(summary["parent_run_id"], args.plots, {row["family"]: row["run_id"] for row in summary["ranking"]})
     return 0 if summary["best_run_id"] else 1
@@ -179,7 +344,7 @@ def _write_plots(run_id: str, folder: str, children: dict[str, str | None] | Non
     """The run's plots (and each child's, in a folder of its name) copied from the tracking store."""
     from pathlib import Path
 
-    from tasks.recording import Tracker
+    from nllflow.tracking.recorder import Tracker
 
     tracker = Tracker()
     tracker.download_plots(run_id, Path(folder))
@@ -189,159 +354,94 @@ def _write_plots(run_id: str, folder: str, children: dict[str, str | None] | Non
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from tasks.spec import load_spec
+    from nllflow.spec import load_spec
 
     return _execute(load_spec(args.spec, args.overrides), args.json)
 
 
 def _families_command(args: argparse.Namespace) -> int:
-    from tasks.families import FAMILIES, family_names
+    from nllflow.families import FAMILIES, family_names
 
     for name in family_names():
         family = FAMILIES[name]
         kind = "discrete" if family.discrete else "continuous"
-        print(f"{name:18s} {kind:11s} {', '.join(family.params)}")
+        other = "".join(f"  |  {', '.join(p.params)}" for p in family.parametrisations.values())
+        print(f"{name:18s} {kind:11s} {', '.join(family.params)}{other}")
     return 0
 
 
-def preflight(spec) -> None:
-    """Everything that can be refused before a flow or a run exists: data, support, parameters,
-    and an unreachable tracking server (TrackingUnavailable: exit 1, as it may come back)."""
-    from tasks.experiment import build_problem, load_data
+def _server_command(args: argparse.Namespace) -> int:
+    from nllflow.flows import server
 
-    checked = set()
-    for configuration in spec.configurations():
-        key = configuration.data.model_dump_json() + configuration.optimizer.model_dump_json()
-        if key not in checked:
-            checked.add(key)
-            build_problem(configuration, load_data(configuration))
-    from tasks.recording import check_tracking
+    if args.action == "stop":
+        stopped = server.stop()
+        print(f"stopped nllflow's Prefect server (pid {stopped['pid']})" if stopped else "nothing was running")
+        return 0
+    lines, in_use = server.status_lines()
+    print("\n".join(lines))
+    return 0 if in_use else 1
+
+
+def _fit_flow():
+    from nllflow.flows.fit import fit
+
+    return fit
+
+
+def _predict_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nllflow.data.samples import READERS, read_table
+
+    probabilities = []
+    for part in filter(None, (args.quantiles or "").split(",")):
+        try:
+            probabilities.append(float(part))
+        except ValueError:
+            raise InputError(f"--quantiles takes probabilities separated by commas, got {part!r}") from None
+    if args.output and Path(args.output).suffix.lower() not in READERS:
+        raise InputError(f"--output must end in one of {', '.join(READERS)}, got {args.output!r}")
+    frame = read_table(Path(args.data))
+    from nllflow.tracking.models import predict_run
+    from nllflow.tracking.store import check_tracking
 
     check_tracking()
+    predictions = predict_run(args.run, frame, probabilities)
+    if not args.output:
+        predictions.to_csv(sys.stdout, index=False)
+    elif Path(args.output).suffix.lower() == ".csv":
+        predictions.to_csv(args.output, index=False)
+    else:
+        predictions.to_parquet(args.output, index=False)
+    return 0
 
 
 def _execute(spec, as_json: bool, plots: str | None = None) -> int:
-    preflight(spec)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if spec.sweep is None:
-        from flows.fit import fit
+    from nllflow.api import preflight, run_flow, run_sweep
+    from nllflow.report import fit_report, sweep_report
 
-        state = fit(spec, return_state=True)
+    if spec.sweep is None:
+        preflight(spec)
+        state = run_flow(_fit_flow, spec, return_state=True)
         summary = state.result(raise_on_failure=False)
         if isinstance(summary, BaseException):
             raise summary
-        _print_json(summary) if as_json else _print_fit(summary)
+        _print_json(summary) if as_json else print(fit_report(summary))
         if plots:
             _write_plots(summary["run_id"], plots)
         if state.is_failed():
             print(f"nllflow: fit failed: {summary['reason']}", file=sys.stderr)
             return 1
         return 0
-    from flows.sweep import sweep
-
-    summary = sweep(spec)
-    _print_json(summary) if as_json else _print_sweep(spec, summary)
+    summary = run_sweep(spec)
+    _print_json(summary) if as_json else print(sweep_report(spec, summary))
     return 0 if summary["best_run_id"] else 1
 
 
 def _print_json(summary: dict) -> None:
-    from tasks.evaluation import jsonable
+    from nllflow.evaluation.summary import jsonable
 
     print(json.dumps(jsonable(summary), separators=(",", ":")))
-
-
-def _format(value: Any, digits: int = 6) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}g}"
-
-
-def _print_fit(summary: dict) -> None:
-    from tasks.recording import ui_command
-
-    verdict = "converged" if summary["converged"] else "NOT converged"
-    print(f"{summary['family']} fit, n={summary.get('n', '?')}: {verdict} ({summary['reason']}) "
-          f"after {summary['steps']} {summary['optimizer']} steps")
-    print(f"{'parameter':16s} {'estimate':>14s} {'SE':>12s}   95% CI")
-    for label, value in summary["params"].items():
-        if label in summary["fixed"]:
-            print(f"{label:16s} {_format(value):>14s} {'(fixed)':>12s}")
-            continue
-        low, high = (summary.get("ci95") or {}).get(label) or (None, None)
-        se = (summary.get("stderr") or {}).get(label)
-        interval = f"[{_format(low)}, {_format(high)}]" if low is not None else "-"
-        print(f"{label:16s} {_format(value):>14s} {_format(se):>12s}   {interval}")
-    print(f"NLL {_format(summary['nll'])}   mean NLL {_format(summary['mean_nll'])}   "
-          f"AIC {_format(summary.get('aic'))}   BIC {_format(summary.get('bic'))}")
-    boot = summary.get("bootstrap")
-    if boot:
-        print(f"{boot['kind']} bootstrap, {boot['converged']}/{boot['replicates']} refits converged: "
-              f"{boot['level']:.0%} percentile intervals")
-        for label, (low, high) in boot["intervals"].items():
-            print(f"{label:16s} [{_format(low)}, {_format(high)}]   bootstrap SE {_format(boot['stderr'][label])}")
-    if summary.get("gof"):
-        pvalues = (boot or {}).get("gof_pvalue") or {}
-        print("goodness of fit: " + "  ".join(
-            f"{k}={_format(v)}" + (f" (p={_format(pvalues[k])})" if k in pvalues else "") for k, v in summary["gof"].items()
-        ))
-    if summary.get("information", "ok") != "ok":
-        print(f"note: {summary['information']}")
-    if summary.get("heldout_nll") is not None:
-        print(f"held-out NLL {_format(summary['heldout_nll'])} (mean {_format(summary['heldout_mean_nll'])})")
-    print(f"MLflow run {summary['run_id']} in experiment '{summary['experiment']}'")
-    print(f"open the UI: {ui_command(summary['tracking_uri'])}")
-
-
-def _print_sweep(spec, summary: dict) -> None:
-    from tasks.recording import ui_command
-
-    truth = {}
-    if spec.data.simulate is not None:
-        truth = {k: v for k, v in spec.data.simulate.params.items() if isinstance(v, (int, float))}
-    print(f"sweep '{spec.name}': {len(summary['runs'])} configurations")
-    estimate_columns = sorted({k for row in summary["runs"] for k in row if k.startswith("estimate.")})
-    header = f"{'configuration':28s} {'status':9s} {'NLL':>14s} {'steps':>6s} {'conv':>5s}"
-    header += "".join(f" {c.removeprefix('estimate.'):>14s}" for c in estimate_columns)
-    print(header)
-    if truth:
-        print(f"{'(truth)':28s} {'':9s} {'':>14s} {'':>6s} {'':>5s}"
-              + "".join(f" {_format(truth.get(c.removeprefix('estimate.'))):>14s}" for c in estimate_columns))
-    for row in summary["runs"]:
-        line = (f"{row['run_name']:28s} {row['status']:9s} {_format(row.get('nll')):>14s} "
-                f"{_format(row.get('steps')):>6s} {'yes' if row.get('converged') else 'no':>5s}")
-        line += "".join(f" {_format(row.get(c)):>14s}" for c in estimate_columns)
-        print(line)
-    for name, reason in summary["failed"].items():
-        print(f"failed: {name}: {reason}")
-    best = next((r for r in summary["runs"] if r["run_id"] == summary["best_run_id"]), None)
-    if best is not None:
-        print(f"best: {best['run_name']} (NLL {_format(best['nll'])}), run {best['run_id']}")
-    print(f"parent run {summary['parent_run_id']} in experiment '{summary['experiment']}'")
-    print(f"open the UI: {ui_command()}")
-
-
-def _print_comparison(spec, summary: dict) -> None:
-    from tasks.recording import ui_command
-
-    ranking = summary["ranking"]
-    print(f"comparison '{spec.name}': {len(ranking)} families, ranked by AIC")
-    with_p = any(row["pvalue"] for row in ranking)
-    header = f"{'rank':>4s}  {'family':16s} {'AIC':>12s} {'dAIC':>9s} {'BIC':>12s} {'KS':>8s} {'CvM':>8s} {'AD':>8s}"
-    if with_p:
-        header += f" {'p(KS)':>7s} {'p(CvM)':>7s} {'p(AD)':>7s}"  # parametric-bootstrap p-values
-    print(header + "  estimates")
-    for row in ranking:
-        line = (f"{row['rank'] or '-':>4}  {row['family']:16s} {_format(row['aic']):>12s} {_format(row['delta_aic']):>9s} "
-                f"{_format(row['bic']):>12s} {_format(row['ks']):>8s} {_format(row['cvm']):>8s} {_format(row['ad']):>8s}")
-        if with_p:
-            line += "".join(f" {_format(row['pvalue'].get(k), 3):>7s}" for k in ("ks", "cvm", "ad"))
-        estimates = ", ".join(f"{k}={_format(v)}" for k, v in row["params"].items())
-        print(line + "  " + (estimates if row["status"] == "FINISHED" else f"failed: {row['reason']}"))
-    for name, reason in {**summary["skipped"], **summary["notes"]}.items():
-        print(f"note: {name}: {reason}")
-    best = ranking[0] if ranking and ranking[0]["rank"] == 1 else None
-    if best is not None:
-        print(f"best: {best['family']} (AIC {_format(best['aic'])}), run {best['run_id']}")
-    print(f"parent run {summary['parent_run_id']} in experiment '{summary['experiment']}'")
-    print(f"open the UI: {ui_command()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,8 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         first = (str(error).strip().splitlines() or [""])[0]
-        print(f"nllflow: failed: {type(error).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"nllflow: failed: {type(error).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr
+        )
         return 1
 
 

@@ -13,28 +13,33 @@ import math
 from typing import Any
 
 import pandas as pd
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.fit import flow_run_tags
-from flows.recovery import recover_abandoned_runs
-from flows.sweep import fit_in_threads, load_checked
-from tasks import steps
-from tasks.families import get_family
-from tasks.spec import ComparisonSpec
+from nllflow.families import get_family
+from nllflow.flows.fit import flow_run_tags, started_by_a_deployment
+from nllflow.flows.recovery import recover_abandoned_runs
+from nllflow.flows.sweep import THREADS, fit_as_tasks
+from nllflow.pipeline import prefect_tasks as steps
+from nllflow.pipeline.steps import data_key
+from nllflow.spec import ComparisonSpec, resolve_spec
+from nllflow.tracking.recorder import Tracker, run_key
+from nllflow.tracking.store import tracking_uri
 
 
-@flow(name="compare", flow_run_name="{spec.name} compare")
+@flow(name="compare", flow_run_name="{spec.name} compare", task_runner=ThreadPoolTaskRunner(max_workers=THREADS))
 def compare(spec: ComparisonSpec) -> dict[str, Any]:
     """Plan the families (a group keeps those whose support holds the data), fit each one as the
     fit flow's steps on a thread, then rank them on the parent run. A family that fails or
     diverges is listed as failed; the comparison itself completes."""
+    spec = resolve_spec(spec, restricted=started_by_a_deployment())
     recover_abandoned_runs()
     plan = steps.plan_comparison(spec)
-    loaded = load_checked(plan.configurations)
+    loaded = {data_key(c): data for c in plan.configurations for data in steps.check(c).values()}
     families = [configuration.family for configuration in plan.configurations]
-    parent = steps.start_comparison(spec, families, flow_run_tags())
+    parent = steps.start_comparison(spec, families, flow_run_tags(), run_key(str(runtime.flow_run.id), "comparison"))
     try:
-        missing = fit_in_threads(plan.configurations, parent, loaded)
+        missing = fit_as_tasks(plan.configurations, parent, loaded)
         summary = steps.finish_comparison(parent, missing, next(iter(loaded.values())))
     except BaseException as error:
         steps.fail_run(parent, f"the comparison stopped: {type(error).__name__}: {error}"[:500])
@@ -44,6 +49,8 @@ def compare(spec: ComparisonSpec) -> dict[str, Any]:
     ranking = ranking_rows(summary.table)
     return {
         "experiment": spec.name,
+        "experiment_id": Tracker().experiment_id(spec.name),
+        "tracking_uri": tracking_uri(),
         "parent_run_id": summary.parent_run_id,
         "best_run_id": summary.best_run_id,
         "best_family": ranking[0]["family"] if ranking and ranking[0]["rank"] == 1 else None,
@@ -61,20 +68,26 @@ def ranking_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
     best = min((row["aic"] for row in rows if _number(row.get("rank"))), default=math.nan)
     ranking = []
     for row in rows:
-        ranking.append({
-            "rank": int(row["rank"]) if _number(row.get("rank")) else None,
-            "family": row["run_name"],
-            "run_id": row["run_id"],
-            "status": row["status"],
-            "aic": row["aic"],
-            "delta_aic": row["aic"] - best,
-            "bic": row["bic"],
-            "nll": row["nll"],
-            **{name: row.get(f"gof_{name}", math.nan) for name in ("ks", "cvm", "ad")},
-            "pvalue": {name: row[f"gof_pvalue_{name}"] for name in ("ks", "cvm", "ad") if _number(row.get(f"gof_pvalue_{name}"))},
-            "params": _estimates(row),
-            "reason": row.get("reason") or "",
-        })
+        ranking.append(
+            {
+                "rank": int(row["rank"]) if _number(row.get("rank")) else None,
+                "family": row["run_name"],
+                "run_id": row["run_id"],
+                "status": row["status"],
+                "aic": row["aic"],
+                "delta_aic": row["aic"] - best,
+                "bic": row["bic"],
+                "nll": row["nll"],
+                **{name: row.get(f"gof_{name}", math.nan) for name in ("ks", "cvm", "ad")},
+                "pvalue": {
+                    name: row[f"gof_pvalue_{name}"]
+                    for name in ("ks", "cvm", "ad")
+                    if _number(row.get(f"gof_pvalue_{name}"))
+                },
+                "params": _estimates(row),
+                "reason": row.get("reason") or "",
+            }
+        )
     return ranking
 
 
@@ -85,8 +98,11 @@ def _estimates(row: dict[str, Any]) -> dict[str, float]:
         return estimates
     order = get_family(row["family"]).params
 
-    def position(label: str) -> int:  # a vector's components are numbered: logits_1, logits_2, ...
-        return order.index(label if label in order else label.rsplit("_", 1)[0])
+    def position(label: str) -> int:
+        # a regression's coefficients are `loc:x`; a vector's components are numbered: logits_1, logits_2
+        name = label.split(":", 1)[0]
+        name = name if name in order else name.rsplit("_", 1)[0]
+        return order.index(name) if name in order else len(order)
 
     return dict(sorted(estimates.items(), key=lambda item: position(item[0])))
 

@@ -1,4 +1,5 @@
-"""The one exception type for user errors (exit code 2 in the CLI)."""
+"""The exception for user errors (exit code 2 in the CLI) and the warning for fits that did not
+converge."""
 
 
 class InputError(ValueError):
@@ -7,3 +8,8 @@ class InputError(ValueError):
     The message is one line that names the problem and, where there is a finite set of valid
     choices, lists them.
     """
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit stopped before it converged (step budget, a bound, a divergence): its result says so
+    too (`converged`, `outcome`, `reason`), as scikit-learn's estimators do."""

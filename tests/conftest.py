@@ -1,12 +1,21 @@
-"""Core fixtures shared by the test modules. Family fixture tables live in family_table.py."""
+"""Fixtures shared by the test modules: a seeded generator, the real data sets, and real Prefect (one
+session-scoped test harness, started only by the tests that ask for it) with real MLflow (a SQLite
+store in a temporary directory). Family fixture tables live in family_table.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+# `make test` runs two test processes on the machine's cores (pytest-xdist): one intra-op thread
+# each, for them and the processes they start. torch's OpenMP threads wait for each other at every
+# operation, and on a machine busier than its cores small operations get many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # torch's first call in a process is slow: no per-example deadline, and a fixed example budget
 settings.register_profile("nllflow", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
@@ -30,3 +39,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tracking_home(tmp_path_factory):
+    """nllflow's home and MLflow store for the session, set before any flow runs."""
+    home = tmp_path_factory.mktemp("nllflow-home")
+    saved = {k: os.environ.get(k) for k in ("NLLFLOW_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["NLLFLOW_HOME"] = str(home)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tracking_home):
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tracker(prefect_harness):
+    from nllflow.tracking.recorder import Tracker
+
+    return Tracker()

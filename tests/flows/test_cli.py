@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from flows.cli import main
+from nllflow.flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUNDBEEF = ROOT / "experiments" / "data" / "groundbeef.parquet"
@@ -30,8 +30,22 @@ def last_json(text: str) -> dict:
 
 
 def test_fit_json_matches_the_closed_form_lognormal_mle(tracker, capsys):
-    code = main(["fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "lognormal", "--json",
-                 "--experiment", "cli-test", "--device", "cpu"])
+    code = main(
+        [
+            "fit",
+            "--data",
+            str(GROUNDBEEF),
+            "--column",
+            "serving",
+            "--family",
+            "lognormal",
+            "--json",
+            "--experiment",
+            "cli-test",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = last_json(capsys.readouterr().out)
     logs = np.log(pd.read_parquet(GROUNDBEEF)["serving"].to_numpy())
@@ -48,14 +62,32 @@ def test_fit_json_matches_the_closed_form_lognormal_mle(tracker, capsys):
     assert result["bic"] == pytest.approx(2 * np.log(254) + 2 * result["nll"])
     assert set(result["gof"]) == {"ks", "cvm", "ad"}
     assert result["gof"]["ks"] == pytest.approx(
-        stats.kstest(np.exp(logs), stats.lognorm(result["params"]["scale"], scale=np.exp(result["params"]["loc"])).cdf).statistic
+        stats.kstest(
+            np.exp(logs), stats.lognorm(result["params"]["scale"], scale=np.exp(result["params"]["loc"])).cdf
+        ).statistic
     )
     assert tracker.client.get_run(result["run_id"]).info.status == "FINISHED"
 
 
 def test_fit_with_a_fixed_parameter(tracker, capsys):
-    code = main(["fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "normal", "--fix", "scale=30",
-                 "--json", "--experiment", "cli-test", "--device", "cpu"])
+    code = main(
+        [
+            "fit",
+            "--data",
+            str(GROUNDBEEF),
+            "--column",
+            "serving",
+            "--family",
+            "normal",
+            "--fix",
+            "scale=30",
+            "--json",
+            "--experiment",
+            "cli-test",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = last_json(capsys.readouterr().out)
     assert result["params"]["scale"] == 30.0 and result["fixed"] == ["scale"]
@@ -66,16 +98,20 @@ def test_fit_with_a_fixed_parameter(tracker, capsys):
 
 @pytest.fixture
 def bad_files(tmp_path):
-    pd.DataFrame({"x": [1.0, 2.0, np.nan, np.inf, 3.0], "name": list("abcde"), "neg": [-1.0, 2, 3, 4, 5],
-                  "const": [2.0] * 5}).to_csv(tmp_path / "bad.csv", index=False)
+    pd.DataFrame(
+        {"x": [1.0, 2.0, np.nan, np.inf, 3.0], "name": list("abcde"), "neg": [-1.0, 2, 3, 4, 5], "const": [2.0] * 5}
+    ).to_csv(tmp_path / "bad.csv", index=False)
     pd.DataFrame({"x": pd.Series([], dtype=float)}).to_parquet(tmp_path / "empty.parquet")
     (tmp_path / "broken.parquet").write_bytes(b"not a parquet file")
-    (tmp_path / "spec_unknown_key.yaml").write_text("name: s\nfamily: normal\ncolour: red\n"
-                                                    "data: {simulate: {params: {loc: 0, scale: 1}, n: 10}}\n")
-    (tmp_path / "spec_wrong_type.yaml").write_text("name: s\nfamily: normal\noptimizer: {max_steps: many}\n"
-                                                   "data: {simulate: {params: {loc: 0, scale: 1}, n: 10}}\n")
-    (tmp_path / "spec_family.yaml").write_text("name: s\nfamily: gausian\n"
-                                               "data: {simulate: {params: {loc: 0, scale: 1}, n: 10}}\n")
+    (tmp_path / "spec_unknown_key.yaml").write_text(
+        "name: s\nfamily: normal\ncolour: red\ndata: {simulate: {params: {loc: 0, scale: 1}, n: 10}}\n"
+    )
+    (tmp_path / "spec_wrong_type.yaml").write_text(
+        "name: s\nfamily: normal\noptimizer: {max_steps: many}\ndata: {simulate: {params: {loc: 0, scale: 1}, n: 10}}\n"
+    )
+    (tmp_path / "spec_family.yaml").write_text(
+        "name: s\nfamily: gausian\ndata: {simulate: {params: {loc: 0, scale: 1}, n: 10}}\n"
+    )
     (tmp_path / "spec_missing.yaml").write_text("name: s\nfamily: normal\ndata: {path: nowhere.csv, column: x}\n")
     return tmp_path
 
@@ -91,7 +127,10 @@ BAD_FITS = [
     (["--data", "{d}/empty.parquet"], "column 'x' in {d}/empty.parquet is empty"),
     (["--data", "{d}/broken.parquet"], "cannot read {d}/broken.parquet as Parquet"),
     (["--column", "neg", "--fix", "scale=-1"], "fixed value scale=-1 is outside the parameter space of normal"),
-    (["--column", "neg", "--fix", "sigma=1"], "unknown parameter 'sigma' in the fixed values for normal; valid: loc, scale"),
+    (
+        ["--column", "neg", "--fix", "sigma=1"],
+        "unknown parameter 'sigma' in the fixed values for normal; valid: loc, scale",
+    ),
     (["--column", "neg", "--init", "loc=abc"], "--init 'loc=abc': value must be a number"),
     (["--column", "neg", "--lr", "0"], "argument --lr: must be a positive number, got '0'"),
     (["--column", "neg", "--lr", "-1e-3"], "argument --lr: must be a positive number, got '-1e-3'"),
@@ -103,7 +142,7 @@ BAD_FITS = [
 @pytest.mark.parametrize("arguments, message", BAD_FITS, ids=[m[:40] for _, m in BAD_FITS])
 def test_bad_fit_input_is_one_line_exit_2_and_records_nothing(tracker, bad_files, capsys, arguments, message):
     base = {"--data": f"{bad_files}/bad.csv", "--column": "x", "--family": "normal"}
-    given = dict(zip(arguments[::2], arguments[1::2]))
+    given = dict(zip(arguments[::2], arguments[1::2], strict=False))
     merged = {**base, **given}
     argv = ["fit"] + [f"{key}={value.format(d=bad_files)}" for key, value in merged.items()]
     before = run_count(tracker)
@@ -135,8 +174,21 @@ def test_bad_spec_fails_before_any_run(tracker, bad_files, capsys, name, message
 
 def test_run_set_override_turns_a_spec_into_a_sweep(tracker, capsys):
     spec = ROOT / "experiments" / "studentt_heavy_tails.yaml"
-    code = main(["run", str(spec), "--set", "data.simulate.n=400", "--set", "optimizer.name=adam",
-                 "--set", "optimizer.max_steps=30", "--set", "sweep.lr=[0.01, 0.1]", "--json"])
+    code = main(
+        [
+            "run",
+            str(spec),
+            "--set",
+            "data.simulate.n=400",
+            "--set",
+            "optimizer.name=adam",
+            "--set",
+            "optimizer.max_steps=30",
+            "--set",
+            "sweep.lr=[0.01, 0.1]",
+            "--json",
+        ]
+    )
     assert code == 0
     summary = last_json(capsys.readouterr().out)
     assert sorted(r["run_name"] for r in summary["runs"]) == ["studentt adam lr=0.01", "studentt adam lr=0.1"]
@@ -146,8 +198,13 @@ def test_run_set_override_turns_a_spec_into_a_sweep(tracker, capsys):
 def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     env = {**os.environ, "NLLFLOW_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     nllflow = Path(sys.executable).with_name("nllflow")
-    done = subprocess.run([str(nllflow), "fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "nope"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [str(nllflow), "fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from flows.cli import main
-from tasks.recording import PARENT_TAG
-from tasks.spec import ComparisonSpec
+from nllflow.flows.cli import main
+from nllflow.spec import ComparisonSpec
+from nllflow.tracking.recorder import PARENT_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUNDBEEF = ROOT / "experiments" / "data" / "groundbeef.parquet"
@@ -46,7 +46,7 @@ def assert_png(path: Path) -> None:
 
 @pytest.mark.parametrize("truth", ["gamma", "weibull"])
 def test_compare_ranks_by_aic_and_picks_the_generating_family(tracker, tmp_path, truth):
-    from flows.compare import compare
+    from nllflow.flows.compare import compare
 
     generating = {"gamma": stats.gamma(2.0, scale=1.5), "weibull": stats.weibull_min(0.8, scale=2.0)}[truth]
     x = generating.rvs(size=800, random_state=np.random.default_rng(21))
@@ -56,7 +56,9 @@ def test_compare_ranks_by_aic_and_picks_the_generating_family(tracker, tmp_path,
     summary = compare(spec)
     ranking = summary["ranking"]
     assert summary["best_family"] == truth and not summary["failed"]
-    assert [row["rank"] for row in ranking] == [1, 2, 3, 4] and sorted(row["family"] for row in ranking) == sorted(families)
+    assert [row["rank"] for row in ranking] == [1, 2, 3, 4] and sorted(row["family"] for row in ranking) == sorted(
+        families
+    )
     assert [row["aic"] for row in ranking] == sorted(row["aic"] for row in ranking) and ranking[0]["delta_aic"] == 0
     for row in ranking:
         frozen = SCIPY[row["family"]](row["params"])
@@ -79,15 +81,45 @@ def test_compare_ranks_by_aic_and_picks_the_generating_family(tracker, tmp_path,
 
 
 def test_compare_cli_with_a_group_prints_the_ranking_as_json_and_writes_the_plots(tracker, tmp_path, capsys):
-    code = main(["compare", "--data", str(GROUNDBEEF), "--column", "serving", "--families", "continuous", "--json",
-                 "--plots", str(tmp_path / "plots"), "--device", "cpu", "--experiment", "cli-compare"])
+    code = main(
+        [
+            "compare",
+            "--data",
+            str(GROUNDBEEF),
+            "--column",
+            "serving",
+            "--families",
+            "continuous",
+            "--json",
+            "--plots",
+            str(tmp_path / "plots"),
+            "--device",
+            "cpu",
+            "--experiment",
+            "cli-compare",
+        ]
+    )
     assert code == 0
     ranking = last_json(capsys.readouterr().out)
     assert isinstance(ranking, list)
     fitted = {row["family"] for row in ranking}
     # every continuous family with scalar parameters whose support holds positive data above 1
-    assert fitted == {"normal", "studentt", "laplace", "cauchy", "gumbel", "lognormal", "gamma", "exponential",
-                      "weibull", "halfnormal", "halfcauchy", "pareto", "uniform", "triangular"}
+    assert fitted == {
+        "normal",
+        "studentt",
+        "laplace",
+        "cauchy",
+        "gumbel",
+        "lognormal",
+        "gamma",
+        "exponential",
+        "weibull",
+        "halfnormal",
+        "halfcauchy",
+        "pareto",
+        "uniform",
+        "triangular",
+    }
     finished = [row for row in ranking if row["status"] == "FINISHED"]
     assert [row["rank"] for row in finished] == list(range(1, len(finished) + 1)) and len(finished) >= 12
     serving = pd.read_parquet(GROUNDBEEF)["serving"].to_numpy()
@@ -97,15 +129,39 @@ def test_compare_cli_with_a_group_prints_the_ranking_as_json_and_writes_the_plot
     assert lognormal["params"]["loc"] == pytest.approx(np.log(serving).mean(), rel=1e-9)
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"density.png", "cdf.png", "pp.png", "qq.png"}
     for name in ("lognormal", "gamma"):
-        assert {p.name for p in (tmp_path / "plots" / name).glob("*.png")} == {"loss.png", "density.png", "cdf.png",
-                                                                               "pp.png", "qq.png"}
+        assert {p.name for p in (tmp_path / "plots" / name).glob("*.png")} == {
+            "loss.png",
+            "density.png",
+            "cdf.png",
+            "pp.png",
+            "qq.png",
+        }
     assert_png(tmp_path / "plots" / "qq.png")
 
 
 def test_censored_fit_with_bootstrap_and_plots_through_the_cli(tracker, shared_data, tmp_path, capsys):
-    code = main(["fit", "--data", str(shared_data / "smokedfish.csv"), "--censored", "left,right", "--family", "lognormal",
-                 "--bootstrap", "60", "--bootstrap-seed", "3", "--plots", str(tmp_path / "plots"), "--json",
-                 "--device", "cpu", "--experiment", "cli-censored"])
+    code = main(
+        [
+            "fit",
+            "--data",
+            str(shared_data / "smokedfish.csv"),
+            "--censored",
+            "left,right",
+            "--family",
+            "lognormal",
+            "--bootstrap",
+            "60",
+            "--bootstrap-seed",
+            "3",
+            "--plots",
+            str(tmp_path / "plots"),
+            "--json",
+            "--device",
+            "cpu",
+            "--experiment",
+            "cli-censored",
+        ]
+    )
     assert code == 0
     result = last_json(capsys.readouterr().out)
     assert result["n"] == 103 and result["converged"] and result["gof"] == {}
@@ -127,8 +183,26 @@ def test_censored_fit_with_bootstrap_and_plots_through_the_cli(tracker, shared_d
 
 
 def test_parametric_bootstrap_gives_gof_pvalues_through_the_cli(tracker, capsys):
-    code = main(["fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "lognormal", "--bootstrap", "50",
-                 "--bootstrap-kind", "parametric", "--json", "--device", "cpu", "--experiment", "cli-gof"])
+    code = main(
+        [
+            "fit",
+            "--data",
+            str(GROUNDBEEF),
+            "--column",
+            "serving",
+            "--family",
+            "lognormal",
+            "--bootstrap",
+            "50",
+            "--bootstrap-kind",
+            "parametric",
+            "--json",
+            "--device",
+            "cpu",
+            "--experiment",
+            "cli-gof",
+        ]
+    )
     assert code == 0
     result = last_json(capsys.readouterr().out)
     pvalues = result["bootstrap"]["gof_pvalue"]
@@ -139,7 +213,9 @@ def test_parametric_bootstrap_gives_gof_pvalues_through_the_cli(tracker, capsys)
 
 @pytest.fixture
 def files(tmp_path):
-    pd.DataFrame({"l": [1.0, np.nan, 3.0], "r": [1.0, 2.0, np.nan], "k": [1.0, 2.0, 3.0]}).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame({"l": [1.0, np.nan, 3.0], "r": [1.0, 2.0, np.nan], "k": [1.0, 2.0, 3.0]}).to_csv(
+        tmp_path / "c.csv", index=False
+    )
     return tmp_path
 
 
@@ -147,13 +223,36 @@ BAD = [
     (["compare", "--column", "serving", "--families", "gausian,gamma"], "unknown family 'gausian'"),
     (["compare", "--column", "serving", "--families", "beta"], "values in {g}#serving are outside the support of beta"),
     (["compare", "--column", "serving", "--families", "continuous,normal"], "the group 'continuous' cannot be mixed"),
-    (["fit", "--column", "serving", "--family", "pareto", "--bootstrap", "20"], "no bootstrap for pareto with scale free"),
-    (["fit", "--column", "serving", "--family", "gamma", "--bootstrap", "1"], "at bootstrap.replicates: Input should be greater"),
+    (
+        ["fit", "--column", "serving", "--family", "pareto", "--bootstrap", "20"],
+        "no bootstrap for pareto with scale free",
+    ),
+    (
+        ["fit", "--column", "serving", "--family", "gamma", "--bootstrap", "1"],
+        "at bootstrap.replicates: Input should be greater",
+    ),
     (["fit", "--family", "gamma"], "give --column COL, or --censored LEFT,RIGHT"),
     (["fit", "--data", "{f}/c.csv", "--censored", "l", "--family", "gamma"], "censored needs two different columns"),
-    (["fit", "--data", "{f}/c.csv", "--censored", "l,r", "--family", "poisson"], "censored rows, which need a continuous family"),
-    (["fit", "--data", "{f}/c.csv", "--censored", "l,r", "--family", "gamma", "--bootstrap", "10", "--bootstrap-kind",
-      "parametric"], "parametric bootstrap of censored data"),
+    (
+        ["fit", "--data", "{f}/c.csv", "--censored", "l,r", "--family", "poisson"],
+        "censored rows, which need a continuous family",
+    ),
+    (
+        [
+            "fit",
+            "--data",
+            "{f}/c.csv",
+            "--censored",
+            "l,r",
+            "--family",
+            "gamma",
+            "--bootstrap",
+            "10",
+            "--bootstrap-kind",
+            "parametric",
+        ],
+        "parametric bootstrap of censored data",
+    ),
 ]
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from scipy import stats
 
-from tasks.experiment import load_data
-from tasks.families import get_family
-from tasks.recording import PARENT_TAG
-from tasks.spec import parse_spec
+from nllflow.families import get_family
+from nllflow.pipeline.steps import load_data
+from nllflow.spec import parse_spec
+from nllflow.tracking.recorder import PARENT_TAG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +38,7 @@ def download(tracker, run_id: str, path: str, folder: Path) -> Path:
 
 
 def test_fit_flow_records_trace_params_metrics_and_artifacts(tracker, tmp_path):
-    from flows.fit import fit
+    from nllflow.flows.fit import fit
 
     spec = gamma_spec()
     state = fit(spec, return_state=True)
@@ -79,8 +79,9 @@ def test_fit_flow_records_trace_params_metrics_and_artifacts(tracker, tmp_path):
         assert table.loc[label, "stderr"] == pytest.approx(run.data.metrics[f"se_{label}"], rel=1e-12)
         assert table.loc[label, "truth"] == {"concentration": 2.5, "rate": 1.5}[label]
     assert run.data.metrics["heldout_nll"] == pytest.approx(
-        -stats.gamma.logpdf(load_data(spec).heldout.values, summary["params"]["concentration"],
-                            scale=1 / summary["params"]["rate"]).sum()
+        -stats.gamma.logpdf(
+            load_data(spec).heldout.values, summary["params"]["concentration"], scale=1 / summary["params"]["rate"]
+        ).sum()
     )
     for plot in ("plots/loss.png", "plots/density.png", "plots/qq.png"):
         assert download(tracker, run.info.run_id, plot, tmp_path).read_bytes().startswith(PNG_MAGIC)
@@ -91,7 +92,7 @@ def test_fit_flow_records_trace_params_metrics_and_artifacts(tracker, tmp_path):
 
 
 def test_diverged_fit_is_a_failed_flow_and_a_failed_run(tracker, tmp_path):
-    from flows.fit import fit
+    from nllflow.flows.fit import fit
 
     spec = gamma_spec(optimizer={"name": "sgd", "lr": 1e6, "max_steps": 50}, name="test-diverge")
     state = fit(spec, return_state=True)
@@ -105,14 +106,18 @@ def test_diverged_fit_is_a_failed_flow_and_a_failed_run(tracker, tmp_path):
 
 
 def test_sweep_nests_children_and_picks_the_best(tracker, tmp_path):
-    from flows.sweep import sweep
+    from nllflow.flows.sweep import sweep
 
     spec = gamma_spec(name="test-sweep", sweep={"lr": [0.001, 0.05, 0.2]})
     summary = sweep(spec)
     parent = tracker.client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     children = tracker.children(summary["parent_run_id"])
-    assert sorted(c.info.run_name for c in children) == ["gamma adam lr=0.001", "gamma adam lr=0.05", "gamma adam lr=0.2"]
+    assert sorted(c.info.run_name for c in children) == [
+        "gamma adam lr=0.001",
+        "gamma adam lr=0.05",
+        "gamma adam lr=0.2",
+    ]
     assert all(c.data.tags[PARENT_TAG] == parent.info.run_id for c in children)
     table = pd.read_parquet(download(tracker, parent.info.run_id, "sweep.parquet", tmp_path))
     assert len(table) == 3 and set(table["status"]) == {"FINISHED"}
@@ -128,7 +133,7 @@ def test_sweep_nests_children_and_picks_the_best(tracker, tmp_path):
 
 
 def test_sweep_lists_a_diverged_child_as_failed_and_completes(tracker):
-    from flows.sweep import sweep
+    from nllflow.flows.sweep import sweep
 
     spec = gamma_spec(name="test-sweep-diverge", optimizer={"name": "sgd", "max_steps": 40}, sweep={"lr": [0.01, 1e6]})
     summary = sweep(spec)
@@ -140,12 +145,16 @@ def test_sweep_lists_a_diverged_child_as_failed_and_completes(tracker):
 
 
 def test_categorical_fit_recovers_the_seed_logits(tracker):
-    from flows.fit import fit
+    from nllflow.flows.fit import fit
 
-    spec = parse_spec({
-        "name": "test-categorical", "family": "categorical", "device": "cpu",
-        "data": {"simulate": {"params": {"logits": [0.4, 1.1]}, "n": 4000, "seed": 2}},
-    })
+    spec = parse_spec(
+        {
+            "name": "test-categorical",
+            "family": "categorical",
+            "device": "cpu",
+            "data": {"simulate": {"params": {"logits": [0.4, 1.1]}, "n": 4000, "seed": 2}},
+        }
+    )
     summary = fit(spec, return_state=True).result()
     counts = np.bincount(load_data(spec).full.values.astype(int))
     expected = np.log(counts[1:] / counts[0])  # the MLE of log-odds against category 0
@@ -156,11 +165,17 @@ def test_categorical_fit_recovers_the_seed_logits(tracker):
 
 
 def test_bundled_example_specs_are_valid():
-    from tasks.spec import load_spec
+    from nllflow.spec import load_spec
 
     folder = Path(__file__).resolve().parents[2] / "experiments"
     specs = {path.stem: load_spec(path) for path in sorted(folder.glob("*.yaml"))}
-    assert {"seed_gaussian", "seed_categorical", "seed_triangular", "gamma_lr_sweep", "studentt_heavy_tails",
-            "groundbeef_lognormal"} <= set(specs)
+    assert {
+        "seed_gaussian",
+        "seed_categorical",
+        "seed_triangular",
+        "gamma_lr_sweep",
+        "studentt_heavy_tails",
+        "groundbeef_lognormal",
+    } <= set(specs)
     assert len(specs["gamma_lr_sweep"].configurations()) >= 4
     assert get_family(specs["seed_triangular"].family).name == "triangular"

@@ -1,0 +1,1 @@
+"""Data: samples read from files or simulated, checked against a family."""

@@ -1,0 +1,2 @@
+"""Fitting: the one optimisation loop (engine), maximum likelihood (mle), batched fits and the
+bootstrap."""

@@ -1,0 +1,289 @@
+"""Statistics of exact observations, computed once per data set, and the fused pass.
+
+- Families whose likelihood depends on the data only through sufficient statistics (normal,
+  lognormal, gamma, exponential, poisson, ...) read weighted moments of x, log x, ... that are
+  computed in one chunked pass per data set and cached: every optimiser step after the first costs
+  a handful of scalar operations, whatever the sample size. Start rules read the same moments.
+- Families without them (Student-t, Weibull) declare a fused pass (`FusedPass`): a custom autograd
+  function walks the data in cache-sized chunks and returns the total with its closed-form
+  gradient, so no N-sized temporary is made and the backward pass reads no data. Second
+  derivatives (the observed information, Newton steps) go through torch's own log_prob, so they
+  stay exact. Without a gradient to compute, the pass sums the value only.
+
+Every rule built on these is the same function of the parameters as the generic sum over the
+last dimension, with the same broadcasting: parameters of shape (K, 1) (a batched sweep) or
+weights of shape (B, n) (bootstrap resamples) give one total per row; several parameter rows
+share each chunk of the data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+if TYPE_CHECKING:
+    from nllflow.families import Family
+
+# elements per chunk (all batch rows together): a chunk and its few temporaries stay in the caches,
+# and a pass over 1e7 points is a few hundred operations, not thousands of Python calls
+CPU_CHUNK = 1 << 16
+CUDA_CHUNK = 1 << 24
+
+# the transforms whose moments are cached, on torch tensors (CUDA) and on NumPy arrays (the CPU:
+# NumPy runs in the calling thread, while each torch operation opens an OpenMP region whose barrier
+# waits for every intra-op thread; on a busy 2-core machine a descheduled thread made a 1e6-point
+# moment pass 10-50x slower with torch's 2 threads than with NumPy)
+TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "x": lambda x: x,
+    "log": torch.log,
+    "log1m": lambda x: torch.log1p(-x),
+    "lgamma1p": lambda x: torch.lgamma(x + 1),
+}
+CPU_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "x": lambda x: x,
+    "log": np.log,
+    "log1m": lambda x: np.log1p(-x),
+    "lgamma1p": lambda x: torch.lgamma(torch.from_numpy(x) + 1).numpy(),
+}
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Weighted moments of f(x) over the last dimension, kept as (..., 1): `total` Σw, the mean
+    Σw f / Σw as `shift` (the mean of the first chunk of data) + `centre`, and `m2` Σw (f - mean)².
+    Centred, and relative to a value near the mean, so no digits are lost to cancellation when the
+    data sit far from zero (mean - μ is computed as (shift - μ) + centre, exact in its first part)."""
+
+    total: Tensor
+    shift: Tensor
+    centre: Tensor
+    m2: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        return self.shift + self.centre
+
+    @property
+    def sum(self) -> Tensor:
+        return self.total * self.mean
+
+    @property
+    def std(self) -> Tensor:
+        """The weighted standard deviation, Σw (f - mean)² / Σw under the root (the MLE's)."""
+        return (self.m2 / self.total).sqrt()
+
+    def squares_about(self, point: Tensor) -> Tensor:
+        """Σw (f - point)²."""
+        return self.m2 + self.total * ((self.shift - point) + self.centre) ** 2
+
+
+class ExactData:
+    """The exact part of a set of observations, with its statistics cache (a dict owned by the
+    Observations object, so statistics are computed once per data set, not once per step). Start
+    rules read it too: `moments`, `min`, `max` and the `values` themselves."""
+
+    def __init__(self, values: Tensor, weights: Tensor | None, cache: dict):
+        self.values, self.weights, self.cache = values, weights, cache
+
+    @property
+    def size(self) -> int:
+        return self.values.shape[-1]
+
+    def chunks(self, batch: tuple[int, ...] = ()) -> list[tuple[Tensor, Tensor | None]]:
+        """Views of the data in chunks of about CHUNK elements each, counting the rows of a batch
+        (`batch`: the parameters' batch shape) that every chunk is broadcast against."""
+        shapes = [self.values.shape[:-1], batch] + ([] if self.weights is None else [self.weights.shape[:-1]])
+        rows = math.prod(max(sizes) for sizes in itertools.zip_longest(*(s[::-1] for s in shapes), fillvalue=1))
+        budget = CUDA_CHUNK if self.values.device.type == "cuda" else CPU_CHUNK
+        step = max(1024, budget // rows)
+        return [
+            (self.values[..., s : s + step], None if self.weights is None else self.weights[..., s : s + step])
+            for s in range(0, self.size, step)
+        ]
+
+    def prepare(self, transforms: Sequence[str]) -> None:
+        """The weighted moments of each of `transforms` (names in TRANSFORMS) not cached yet, and
+        the data's range, in one walk over the data: a family reads them all, so a fit of a
+        family with sufficient statistics reads its data once. Each chunk's moments are taken about
+        a common shift (the first chunk's mean), then merged with the parallel update of Chan et
+        al. (stable for data far from zero). On the CPU the walk runs in NumPy (see CPU_TRANSFORMS)."""
+        wanted = [t for t in dict.fromkeys(transforms) if t not in self.cache]
+        with_range = "range" not in self.cache
+        if not (wanted or with_range) or not self.size:
+            return
+        chunks = self.chunks()
+        cpu = self.values.device.type == "cpu"
+        table = CPU_TRANSFORMS if cpu else TRANSFORMS
+        functions = [table[t] for t in wanted]
+        if cpu:  # views of the same memory
+            chunks = [(x.detach().numpy(), None if w is None else w.detach().numpy()) for x, w in chunks]
+        # the shift of each transform: its first chunk's mean, so every later chunk's sums are taken
+        # about a value near its own mean, where Σd² - (Σd)²/n loses no digits
+        shifts: list = [None] * len(wanted)
+        # each chunk's (total, centre, m2) per transform, kept in a list of small arrays and stacked
+        # at the end (a few dozen per pass)
+        parts: list[list] = [[] for _ in wanted]
+        low = high = None
+        for x, w in chunks:
+            if with_range:
+                low = x.min() if low is None else min(low, x.min())
+                high = x.max() if high is None else max(high, x.max())
+            total = x[..., :1] * 0 + x.shape[-1] if w is None else w.sum(-1, keepdims=True)
+            safe = total + (total == 0)  # a chunk of zero weights has sums 0, not NaN
+            for j, f in enumerate(functions):
+                fx = f(x)
+                if shifts[j] is None:
+                    shifts[j] = weighted_sum(fx, w) / safe
+                d = fx - shifts[j]  # (a new array: batched weights broadcast it to their rows)
+                centre = weighted_sum(d, w) / safe
+                d *= d
+                # (a sum of squares, not a BLAS dot: OpenBLAS threads would wait on each other too)
+                m2 = weighted_sum(d, w) - total * centre * centre
+                parts[j].append((total, centre, m2))
+
+        def tensor(value) -> Tensor:
+            return torch.as_tensor(value, dtype=self.values.dtype, device=self.values.device)
+
+        for j, transform in enumerate(wanted):
+            totals, centres, m2s = (tensor(np.stack(p) if cpu else torch.stack(p)) for p in zip(*parts[j], strict=True))
+            self.cache[transform] = _merge(totals, tensor(shifts[j]), centres, m2s)
+        if with_range:
+            self.cache["range"] = (tensor(low), tensor(high))
+
+    def moments(self, transform: str) -> Moments:
+        """Weighted moments of TRANSFORMS[transform](x) (see `prepare`)."""
+        if transform not in self.cache:
+            self.prepare([transform])
+        return self.cache[transform]
+
+    @property
+    def total(self) -> Tensor:
+        return self.moments("x").total
+
+    @property
+    def min(self) -> Tensor:
+        self.prepare(())
+        return self.cache["range"][0]
+
+    @property
+    def max(self) -> Tensor:
+        self.prepare(())
+        return self.cache["range"][1]
+
+
+def _merge(totals: Tensor, shift: Tensor, centres: Tensor, m2s: Tensor) -> Moments:
+    """The chunks' moments (stacked along the first dimension) about a common shift, as one."""
+    total = totals.sum(0)
+    centre = (totals * centres).sum(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return Moments(total, shift, centre, m2s.sum(0) + (totals * (centres - centre) ** 2).sum(0))
+
+
+def weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
+    """Σ w t over the last dimension, kept as (..., 1); without a temporary for one data set. The
+    same on NumPy arrays (the CPU's moment walk): only the operations both have."""
+    if w is None:
+        return t.sum(-1, keepdims=True)
+    if t.ndim == 1 and w.ndim == 1:
+        return (t @ w).reshape(1)
+    if w.ndim == 1:
+        return (t @ w)[..., None]
+    if t.ndim == 1:
+        return (w @ t)[..., None]
+    return (w * t).sum(-1, keepdims=True)
+
+
+# (x chunk, w chunk, parameters, gradient wanted, array module) -> the chunk's sums, each (..., 1):
+# written with the operations NumPy arrays and torch tensors share, and `xp`'s functions (NumPy on
+# the CPU, see CPU_TRANSFORMS; torch on CUDA)
+ChunkSums = Callable[[Tensor, Tensor | None, Sequence[Tensor], bool, Any], list[Tensor]]
+# (data, the sums added up, parameters, gradient wanted) -> (total, its gradient in each parameter)
+Finish = Callable[[ExactData, list[Tensor], Sequence[Tensor], bool], tuple[Tensor, list[Tensor]]]
+
+
+@dataclass(frozen=True)
+class FusedPass:
+    """A family's fused pass: the per-chunk sums and how the total and gradient follow from them.
+    Calling it gives the total log-likelihood (kept as (..., 1)) of a family's likelihood rule."""
+
+    sums: ChunkSums
+    finish: Finish
+
+    def run(self, data: ExactData, params: Sequence[Tensor], gradient: bool) -> tuple[Tensor, list[Tensor]]:
+        cpu = data.values.device.type == "cpu"
+        xp: Any = np if cpu else torch
+        given = [p.detach().numpy() if cpu else p.detach() for p in params]
+        added: list = []
+        for x, w in data.chunks(max((p.shape[:-1] for p in params), key=len)):
+            if cpu:  # views of the same memory
+                x, w = x.numpy(), None if w is None else w.numpy()
+            part = self.sums(x, w, given, gradient, xp)
+            if not added:
+                added = [p * 1 for p in part]  # copies, added to in place
+            else:
+                for a, b in zip(added, part, strict=True):
+                    a += b
+        sums = [torch.as_tensor(a, dtype=data.values.dtype, device=data.values.device) for a in added]
+        return self.finish(data, sums, params, gradient)
+
+    def __call__(self, data: ExactData, family: Family, params: Mapping[str, Tensor]) -> Tensor:
+        ordered = [params[name] for name in family.params]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in ordered):
+            return _FusedTotal.apply(family, data, self, *ordered).unsqueeze(-1)
+        # no gradient wanted (a line search's trial point, a held-out NLL): the value's sums alone
+        return self.run(data, ordered, gradient=False)[0]
+
+
+class _FusedTotal(Function):
+    """The total log-likelihood with its gradient computed in the same pass.
+    Inputs: (family, data, fused pass, *params in the family's order)."""
+
+    @staticmethod
+    def forward(ctx, family: Family, data: ExactData, fused: FusedPass, *params: Tensor) -> Tensor:
+        total, gradients = fused.run(data, params, gradient=True)
+        ctx.family, ctx.data, ctx.gradients = family, data, gradients
+        ctx.save_for_backward(*params)
+        return total.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        params = ctx.saved_tensors
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[3:]) if needed]
+        grads: list[Tensor | None] = [None] * len(params)
+        if torch.is_grad_enabled():
+            # a graph of the gradient is asked for (create_graph: Hessians): through torch's
+            # log_prob, whose second derivatives are exact
+            total = _generic_total(ctx.family, ctx.data, params)
+            found = torch.autograd.grad(
+                total, [params[i] for i in wanted], grad_output, create_graph=True, allow_unused=True
+            )
+            for i, g in zip(wanted, found, strict=False):
+                grads[i] = g if g is not None else torch.zeros_like(params[i])
+        else:
+            for i in wanted:
+                grads[i] = _sum_to(grad_output.unsqueeze(-1) * ctx.gradients[i], params[i].shape)
+        return (None, None, None, *grads)
+
+
+def _generic_total(family: Family, data: ExactData, params: Sequence[Tensor]) -> Tensor:
+    dist = family.build(**dict(zip(family.params, params, strict=False)), validate_args=False)
+    log_density = dist.log_prob(data.values)
+    if data.weights is not None:
+        log_density = data.weights * log_density
+    return log_density.sum(-1)
+
+
+def _sum_to(gradient: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient to a parameter's own shape."""
+    while gradient.dim() > len(shape):
+        gradient = gradient.sum(0)
+    for dim, size in enumerate(shape):
+        if size == 1 and gradient.shape[dim] != 1:
+            gradient = gradient.sum(dim, keepdim=True)
+    return gradient

@@ -1,0 +1,1 @@
+"""Everything that talks to MLflow: the tracking store and the recorder."""

@@ -1,0 +1,199 @@
+"""The Prefect server the `nllflow` command reuses (nllflow.flows.server), with real servers in a
+temporary nllflow home: a second command uses the first one's server, concurrent starts start one,
+a killed server's stale state is replaced, `nllflow server stop` leaves no process behind, and an
+idle server stops itself. Every server a test starts is stopped by PID (its process group)
+afterwards, also when the test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUNDBEEF = ROOT / "experiments" / "data" / "groundbeef.parquet"
+COMMAND_SECONDS = 300
+
+
+def _group(pgid: int) -> list[int]:
+    """The PIDs of the processes in process group `pgid`."""
+    listing = subprocess.run(["ps", "-A", "-o", "pid=,pgid="], capture_output=True, text=True).stdout
+    return [
+        pid for pid, group in (map(int, line.split()) for line in listing.splitlines() if line.strip()) if group == pgid
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0): it has ended
+    status = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(status) and not status.startswith("Z")
+
+
+def _state(home: Path) -> dict | None:
+    path = home / "server" / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One nllflow home for the module (the Prefect database is created once); every server group
+    seen is killed at the end."""
+    folder = tmp_path_factory.mktemp("server-home")
+    seen: set[int] = set()
+    yield folder, seen
+    state = _state(folder)
+    if state:
+        seen.add(state["pid"])
+    for pgid in seen:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def env(home):
+    folder, seen = home
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "NLLFLOW_SERVER"))}
+    environment.update(
+        NLLFLOW_HOME=str(folder),
+        MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    yield environment
+    state = _state(folder)
+    if state:
+        seen.add(state["pid"])
+
+
+def _nllflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nllflow", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_SECONDS,
+    )
+
+
+def _fit(env: dict[str, str]) -> dict:
+    done = _nllflow(env, "fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "gamma", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _flow_runs(api_url: str) -> list[dict]:
+    request = urllib.request.Request(
+        f"{api_url}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_a_second_command_uses_the_first_commands_server(env, home):
+    folder, seen = home
+    first = _fit(env)
+    state = _state(folder)
+    assert state is not None and _alive(state["pid"])
+    seen.add(state["pid"])
+    second = _fit(env)
+    assert _state(folder)["pid"] == state["pid"]
+    # the server's own records: both commands' flow runs are on it
+    fits = [run for run in _flow_runs(state["api_url"]) if run["name"] == "nllflow-fit"]
+    assert len(fits) == 2 and all(run["state_type"] == "COMPLETED" for run in fits)
+    assert first["run_id"] != second["run_id"]
+    assert first["params"] == pytest.approx(second["params"], rel=1e-12)
+    status = _nllflow(env, "server", "status")
+    assert status.returncode == 0 and state["api_url"] in status.stdout and str(state["pid"]) in status.stdout
+
+
+def test_a_stale_state_file_is_replaced(env, home):
+    folder, seen = home
+    claim = (
+        "from nllflow.flows.server import claim_server\n"
+        "with claim_server() as lease:\n"
+        "    print(lease.url, lease.state['pid'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", claim], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    old = _state(folder)
+    seen.add(old["pid"])
+    os.killpg(old["pid"], signal.SIGKILL)  # the server dies without cleaning up
+    deadline = time.monotonic() + 30
+    while _group(old["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _state(folder) == old  # the state file stayed behind
+    result = _fit(env)
+    new = _state(folder)
+    seen.add(new["pid"])
+    assert new["pid"] != old["pid"] and _alive(new["pid"])
+    assert any(run["name"] == "nllflow-fit" for run in _flow_runs(new["api_url"]))
+    assert result["converged"]
+
+
+def test_concurrent_commands_start_one_server_and_stop_leaves_no_process(env, home):
+    folder, seen = home
+    assert _nllflow(env, "server", "stop").returncode == 0
+    assert _state(folder) is None
+    claim = (
+        "from nllflow.flows.server import claim_server\n"
+        "with claim_server() as lease:\n"
+        "    print(lease.state['pid'], lease.url)\n"
+    )
+    starts = [
+        subprocess.Popen([sys.executable, "-c", claim], env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    outputs = [start.communicate(timeout=300)[0].split() for start in starts]
+    assert all(start.returncode == 0 for start in starts)
+    pids = {int(pid) for pid, _ in outputs}
+    seen.update(pids)
+    assert len(pids) == 1 and len({url for _, url in outputs}) == 1
+    (pid,) = pids
+    members = _group(pid)
+    assert len(members) >= 2  # the supervisor and the Prefect server
+    stopped = _nllflow(env, "server", "stop")
+    assert stopped.returncode == 0 and str(pid) in stopped.stdout
+    assert not any(_alive(member) for member in members)
+    assert _state(folder) is None
+    assert _nllflow(env, "server", "status").returncode == 1
+
+
+def test_an_idle_server_stops_itself_and_prefect_api_url_is_used_as_given(env, home):
+    folder, seen = home
+    idle = {**env, "NLLFLOW_SERVER_IDLE_MINUTES": "0.05"}  # 3 s
+    claim = (
+        "from nllflow.flows.server import claim_server\n"
+        "with claim_server() as lease:\n"
+        "    print(lease.origin, lease.state['pid'], lease.url)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", claim], env=idle, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    origin, pid, url = done.stdout.split()
+    seen.add(int(pid))
+    members = _group(int(pid))
+    # with PREFECT_API_URL set, that server is used and nllflow starts none of its own
+    given = subprocess.run(
+        [sys.executable, "-c", claim.replace("lease.state['pid']", "lease.state")],
+        env={**idle, "PREFECT_API_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert given.stdout.split() == ["environment", "None", url]
+    deadline = time.monotonic() + 120
+    while any(_alive(member) for member in members) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert origin == "nllflow" and not any(_alive(member) for member in members)
+    assert _state(folder) is None
