@@ -2,7 +2,8 @@
 
 - Regression against statsmodels on the bundled RAND HIE rows (20 190, 9 covariates + intercept):
   NB2 (statsmodels' NegativeBinomial, Newton) and the Poisson GLM (IRLS) against nllflow's
-  `fit_regression` (L-BFGS), fit times as medians of --repeats on the same data frame, the NLLs
+  `fit_regression` with `newton` (IRLS's Newton step, through the linear predictors) and with
+  L-BFGS (the default), fit times as medians of --repeats on the same data frame, the NLLs
   compared; goal: nllflow ≤ 1× statsmodels' time with an NLL never worse.
 - Networks on one train/test split of bundled public data (Engel's food expenditure; scikit-learn's
   diabetes data): the test mean NLL of a normal network, of the normal linear model (loc and log
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from pathlib import Path
@@ -74,26 +76,27 @@ def regression_vs_statsmodels(repeats: int, quick: bool) -> list[dict[str, Any]]
             ),
         ),
     }
-    print(f"{'model':12s} {'rows':>7s} {'coefs':>6s} {'statsmodels s':>14s} {'nllflow s':>10s} {'ratio':>7s} "
+    print(f"{'model':20s} {'rows':>7s} {'coefs':>6s} {'statsmodels s':>14s} {'nllflow s':>10s} {'ratio':>7s} "
           f"{'NLL nllflow - statsmodels':>26s}")  # fmt: skip
-    for name, (family_name, formulas, peer) in cases.items():
+    for (case, (family_name, formulas, peer)), optimizer in itertools.product(cases.items(), ("newton", "lbfgs")):
         family = get_family(family_name)
+        name = f"{case} ({optimizer})"
 
-        def ours(family=family, formulas=formulas):
+        def ours(family=family, formulas=formulas, optimizer=optimizer):
             # everything a fit of a frame costs: the design, the device copy, the fit
             base = sample.observations()
             model = linear_model_for(family, formulas, {}, {}, {}, sample.covariates, base)
             observations = sample.observations(features=model.features(model.design_matrices()))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return fit_regression(model, observations, settings=FitSettings("lbfgs"))
+                return fit_regression(model, observations, settings=FitSettings(optimizer))
 
         ours()  # warm-up: the first optimiser of a process imports torch._dynamo
         peer_s, peer_fit = _median_time(peer, repeats)
         ours_s, result = _median_time(ours, repeats)
         difference = result.nll - (-peer_fit.llf)
         ratio = ours_s / peer_s
-        print(f"{name:12s} {len(frame):7d} {len(result.free):6d} {peer_s:14.3f} {ours_s:10.3f} {ratio:7.2f} "
+        print(f"{name:20s} {len(frame):7d} {len(result.free):6d} {peer_s:14.3f} {ours_s:10.3f} {ratio:7.2f} "
               f"{difference:+26.3e}")  # fmt: skip
         rows.append(
             {

@@ -50,7 +50,12 @@ def _positive_float(text: str) -> float:
 
 def _add_run_options(parser: argparse.ArgumentParser, experiment: str) -> None:
     """How to optimise, where, and where to record: shared by `fit` and `compare`."""
-    parser.add_argument("--optimizer", choices=["lbfgs", "adam", "sgd"], help="default: lbfgs (adam for a network)")
+    # the choices of nllflow.fitting.mle.OPTIMIZERS, spelled out: importing it imports torch
+    parser.add_argument(
+        "--optimizer",
+        choices=["lbfgs", "adam", "sgd", "newton"],
+        help="default: lbfgs (adam for a network); newton: damped Newton steps (IRLS for a regression), no --lr",
+    )
     parser.add_argument("--max-steps", type=int, default=500, help="the step budget (a network's: epochs)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(

@@ -403,6 +403,7 @@ class RowRules:
 # Damping of the Newton step, relative to the largest absolute eigenvalue of a row's Hessian.
 DAMPING_START, DAMPING_MIN = 1e-8, 1e-12
 MAX_TRIALS = 40
+HALVINGS_FIRST = 6
 
 
 class NewtonStep:
@@ -410,14 +411,15 @@ class NewtonStep:
     each row's small Hessian, which also steps downhill where a Hessian is not positive definite).
     A row whose objective stops changing, or that no damped step lowers (a numerical minimum, at a
     kink), has converged. The problem gives each row's leaves as one flat vector
-    (`flat`, `set_flat`) and the mean NLL of flat vectors (`objective`)."""
+    (`flat`, `set_flat`), the mean NLL of flat vectors (`objective`) and its gradient and Hessian
+    (`derivatives`: `autograd_derivatives`, or what the problem's structure makes cheaper)."""
 
     def __init__(self, problem: Problem):
         self.damping = torch.full((problem.rows,), DAMPING_START, dtype=torch.float64)
 
     def step(self, problem, current: StepValues, rows: Tensor, step: int) -> list[tuple[int, Outcome, str]]:
         u = problem.flat(rows)
-        value, gradient, hessian = _derivatives(lambda flat: problem.objective(rows, flat), u)
+        value, gradient, hessian = problem.derivatives(rows, u)
         count, size = u.shape
         dtype, device = u.dtype, u.device
         damping = self.damping[rows].to(dtype=dtype, device=device)
@@ -429,20 +431,29 @@ class NewtonStep:
         along = (vectors.transpose(1, 2) @ gradient.unsqueeze(2)).squeeze(2)
         accepted = broken.clone()
         moved_to, lowered_to = u.clone(), value.clone()
+        damped_won = torch.ones_like(accepted)
         regular = problem.regular_columns()
         for trial in range(MAX_TRIALS):
-            # a damped step; after the first failure also each eigendirection's own Newton step, shortened:
-            # at a kink (a Laplace location) the full step fails while another parameter can still move
+            # a damped step; after the first failure also the undamped step, halved, and after
+            # HALVINGS_FIRST failures each eigendirection's own Newton step, shortened, the lowest of
+            # them taken: damping relative to the largest eigenvalue all but stops a badly scaled
+            # problem (an indefinite Hessian far from the optimum), where a shorter Newton step
+            # still goes far; at a kink (a Laplace location) every step along the full one fails
+            # while another parameter can still move
             coefficients = -along / (magnitude + (damping * scale)[:, None])
             steps = [(vectors @ coefficients.unsqueeze(2)).squeeze(2)]
+            newton = -along / magnitude.clamp_min(torch.finfo(dtype).tiny)
             if trial:
-                shorten = 0.5 ** (trial - 1)
-                newton = -along / magnitude.clamp_min(torch.finfo(dtype).tiny) * shorten
-                steps += [vectors[:, :, k] * newton[:, k : k + 1] for k in range(size)]
-            for candidate_step in steps:
-                accepted, moved_to, lowered_to = _try(
-                    problem, rows, u + candidate_step, value, accepted, moved_to, lowered_to
-                )
+                steps.append((vectors @ (newton * 0.5**trial).unsqueeze(2)).squeeze(2))
+            if trial > HALVINGS_FIRST:
+                shorten = 0.5 ** (trial - HALVINGS_FIRST - 1)
+                steps += [vectors[:, :, k] * newton[:, k : k + 1] * shorten for k in range(size)]
+            still_open = ~accepted
+            for j, candidate_step in enumerate(steps):
+                before = lowered_to
+                moved_to, lowered_to = _try(problem, rows, u + candidate_step, still_open, moved_to, lowered_to)
+                damped_won = torch.where(lowered_to < before, j == 0, damped_won)
+            accepted = accepted | (lowered_to < value)
             if bool(accepted.all()):
                 break
             damping = torch.where(accepted, damping, damping * 10)
@@ -451,16 +462,19 @@ class NewtonStep:
             # parameter fails: the Newton step of the regular parameters alone (a Laplace scale)
             alone = _subspace_newton(gradient, hessian, regular)
             for halving in range(MAX_TRIALS):
-                accepted, moved_to, lowered_to = _try(
-                    problem, rows, u + alone * 0.5**halving, value, accepted, moved_to, lowered_to
-                )
+                moved_to, lowered_to = _try(problem, rows, u + alone * 0.5**halving, ~accepted, moved_to, lowered_to)
+                damped_won = damped_won & ~(lowered_to < value)
+                accepted = accepted | (lowered_to < value)
                 if bool(accepted.all()):
                     break
         ftol = 4 * torch.finfo(dtype).eps
         settled = (
             accepted & ((value - lowered_to).abs() <= ftol * value.abs().clamp_min(1.0)) & (damping <= DAMPING_START)
         )
+        # a shortened undamped step that lowers the NLL says that the Hessian is right and the step
+        # too long: the next step starts undamped again rather than crawling down a large damping
         damping = torch.where(accepted, (damping / 10).clamp_min(DAMPING_MIN), damping)
+        damping = torch.where(accepted & ~damped_won, torch.full_like(damping, DAMPING_START), damping)
         self.damping[rows] = damping.double().cpu()
         problem.set_flat(rows, moved_to)
         ended = []
@@ -475,17 +489,14 @@ class NewtonStep:
 
 
 def _try(
-    problem, rows: Tensor, candidate: Tensor, value: Tensor, accepted: Tensor, moved_to: Tensor, lowered_to: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Each row not yet moved takes `candidate` where it lowers the row's objective."""
+    problem, rows: Tensor, candidate: Tensor, still_open: Tensor, moved_to: Tensor, lowered_to: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each row still open moves to `candidate` where its objective there is below the lowest
+    found so far (at first, the row's current value)."""
     with torch.no_grad():
         trial_value = problem.objective(rows, candidate)
-    better = ~accepted & torch.isfinite(trial_value) & (trial_value < value)
-    return (
-        accepted | better,
-        torch.where(better[:, None], candidate, moved_to),
-        torch.where(better, trial_value, lowered_to),
-    )
+    better = still_open & torch.isfinite(trial_value) & (trial_value < lowered_to)
+    return torch.where(better[:, None], candidate, moved_to), torch.where(better, trial_value, lowered_to)
 
 
 def _subspace_newton(gradient: Tensor, hessian: Tensor, columns: list[int]) -> Tensor:
@@ -499,7 +510,7 @@ def _subspace_newton(gradient: Tensor, hessian: Tensor, columns: list[int]) -> T
     return torch.zeros_like(gradient).index_copy(1, index, step)
 
 
-def _derivatives(objective: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def autograd_derivatives(objective: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's objective, gradient and Hessian: the rows are independent, so the gradient of the
     sum holds every row's gradient, and so do its derivatives."""
     with torch.enable_grad():

@@ -34,9 +34,10 @@ from nllflow.fitting.engine import (
 from nllflow.likelihood.observations import Observations
 from nllflow.models.constant import ConstantModel, ConstantProblem, NaturalSGD, ParamValue, show
 
-Optimizer = Literal["lbfgs", "adam", "sgd"]
-OPTIMIZERS: tuple[str, ...] = ("lbfgs", "adam", "sgd")
-DEFAULT_LR: Mapping[str, float] = {"lbfgs": 1.0, "adam": 0.05, "sgd": 0.1}
+Optimizer = Literal["lbfgs", "adam", "sgd", "newton"]
+OPTIMIZERS: tuple[str, ...] = ("lbfgs", "adam", "sgd", "newton")
+# newton's 1.0 is its full step: it has no learning rate of its own
+DEFAULT_LR: Mapping[str, float] = {"lbfgs": 1.0, "adam": 0.05, "sgd": 0.1, "newton": 1.0}
 MAX_POLISH_ROUNDS = 10
 
 
@@ -76,6 +77,11 @@ class FitSettings:
             raise InputError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"learning rate must be a positive number, got {self.lr!r}")
+        if self.optimizer == "newton" and self.lr is not None:
+            raise InputError(
+                "newton takes full Newton steps, damped where they would not lower the NLL: give no "
+                "learning rate (learning rates are for lbfgs, adam and sgd)"
+            )
         if self.max_steps < 1:
             raise InputError(f"max steps must be at least 1, got {self.max_steps}")
 
@@ -132,12 +138,16 @@ class FitResult:
 
 
 def step_rule(problem: ConstantProblem, settings: Sequence[FitSettings]):
-    """The rule that moves each row: torch's Adam or L-BFGS, or the seed's SGD on the natural
-    parameters; a batch of Adam and SGD rows gets both, each on its own rows."""
-    from nllflow.fitting.engine import RowRules
+    """The rule that moves each row: torch's Adam or L-BFGS, the seed's SGD on the natural
+    parameters or damped Newton; a batch of Adam and SGD rows gets both, each on its own rows."""
+    from nllflow.fitting.engine import NewtonStep, RowRules
 
     kinds = {s.optimizer for s in settings}
     rates = [s.learning_rate for s in settings]
+    if kinds == {"newton"}:
+        return NewtonStep(problem)
+    if "newton" in kinds:
+        raise InputError("the rows of one problem share newton with no other optimiser")
     if kinds == {"sgd"}:
         return NaturalSGD(rates)
     if len(kinds) == 1:

@@ -18,7 +18,7 @@ import torch
 
 from nllflow.data.formulas import intercept_design
 from nllflow.errors import InputError
-from nllflow.fitting.engine import RowRun, RowSettings, TorchStep, minimise, warn_unless_converged
+from nllflow.fitting.engine import NewtonStep, RowRun, RowSettings, TorchStep, minimise, warn_unless_converged
 from nllflow.fitting.mle import FitResult, FitSettings
 from nllflow.likelihood.observations import Observations
 from nllflow.models.constant import start_values
@@ -81,7 +81,8 @@ def optimise_linear(
     kinds = {s.optimizer for s in settings}
     if len(kinds) != 1:
         raise InputError("the rows of one regression problem share their optimiser")
-    rule = TorchStep(problem, settings[0].optimizer, [s.learning_rate for s in settings])
+    kind = settings[0].optimizer
+    rule = NewtonStep(problem) if kind == "newton" else TorchStep(problem, kind, [s.learning_rate for s in settings])
     return minimise(problem, rule, limits, progress=progress, started=started)
 
 

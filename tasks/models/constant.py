@@ -26,7 +26,7 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform, Tr
 
 from nllflow.errors import InputError
 from nllflow.families import DataBounds, Family
-from nllflow.fitting.engine import Outcome, RowProblem, StepValues
+from nllflow.fitting.engine import Outcome, RowProblem, StepValues, autograd_derivatives
 from nllflow.likelihood.observations import Observations
 
 ParamValue = float | list[float]
@@ -415,6 +415,9 @@ class ConstantProblem(RowProblem):
             for i, row in enumerate(rows.tolist()):
                 for leaf, piece in zip(self.leaves[row], flat[i].split(sizes), strict=True):
                     leaf.copy_(piece.reshape(leaf.shape))
+
+    def derivatives(self, rows: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return autograd_derivatives(lambda u: self.objective(rows, u), flat)
 
     def objective(self, rows: Tensor, flat: Tensor) -> Tensor:
         shapes = [self.model.shapes[name] for name in self.model.optimised]

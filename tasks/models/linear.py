@@ -170,10 +170,17 @@ class LinearModel:
     def values(self, coefficients: Mapping[str, Tensor], features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each parameter (in the parametrisation's names) per row: (rows, observations) for the free
         ones from their standardised coefficients (rows, k), the fixed ones as given."""
-        values: dict[str, Tensor] = {}
-        for name, p in self.predictors.items():
-            eta = coefficients[name] @ features[name].transpose(0, 1).to(coefficients[name])
-            values[name] = p.link.inverse(eta)
+        return self.values_of_predictors(self.predictors_of(coefficients, features))
+
+    def predictors_of(self, coefficients: Mapping[str, Tensor], features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """η = X_s β_s of each free parameter, (rows, observations)."""
+        return {
+            name: coefficients[name] @ features[name].transpose(0, 1).to(coefficients[name]) for name in self.predictors
+        }
+
+    def values_of_predictors(self, etas: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each parameter's values from the free ones' linear predictors, the fixed ones as given."""
+        values = {name: p.link.inverse(etas[name]) for name, p in self.predictors.items()}
         some = next(iter(values.values()), None)
         for name, value in self.fixed.items():
             values[name] = torch.as_tensor(
@@ -330,9 +337,63 @@ class LinearProblem(RowProblem):
                     leaf.copy_(piece.reshape(leaf.shape))
 
     def objective(self, rows: Tensor, flat: Tensor) -> Tensor:
+        return self.mean_nll(rows, self._pieces(flat))[0]
+
+    def _pieces(self, flat: Tensor) -> dict[str, Tensor]:
         sizes = [self.model.predictors[name].size for name in self.model.optimised]
-        pieces = dict(zip(self.model.optimised, flat.split(sizes, 1), strict=True))
-        return self.mean_nll(rows, pieces)[0]
+        return dict(zip(self.model.optimised, flat.split(sizes, 1), strict=True))
+
+    def derivatives(self, rows: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The mean NLL of each row at `flat`, its gradient and Hessian, through the linear
+        predictors: the observations are independent, so each observation's NLL depends on its own
+        η_a = x_aᵀβ_a alone and autograd gives every observation's ∂ℓ/∂η_a and ∂²ℓ/∂η_a∂η_b in one
+        backward pass per parameter a. Then ∇ = Σ X_aᵀ ∂ℓ/∂η_a and H_ab = X_aᵀ diag(∂²ℓ/∂η_a∂η_b) X_b
+        (the Newton step of IRLS), instead of one backward pass per coefficient."""
+        model, names = self.model, list(self.model.optimised)
+        features = {name: self.observations.features[name].to(flat) for name in names}
+        with torch.no_grad():
+            etas = model.predictors_of(self._pieces(flat), features)
+        with torch.enable_grad():
+            leaves = {name: eta.requires_grad_(True) for name, eta in etas.items()}
+            mean_nll = self._mean_nll_of_predictors(rows, leaves)
+            first = torch.autograd.grad(mean_nll.sum(), [leaves[n] for n in names], create_graph=True)
+            second = []
+            for a, gradient in enumerate(first):
+                if gradient.requires_grad:
+                    row = torch.autograd.grad(
+                        gradient.sum(), [leaves[n] for n in names], retain_graph=a < len(names) - 1, allow_unused=True
+                    )
+                else:  # linear in η_a: no curvature of its own
+                    row = [None] * len(names)
+                second.append([torch.zeros_like(gradient) if h is None else h for h in row])
+        gradient = torch.cat([g.detach() @ features[n] for g, n in zip(first, names, strict=True)], 1)
+        hessian = torch.cat(
+            [
+                torch.cat(
+                    [torch.einsum("rn,nk,nl->rkl", second[a][b].detach(), features[a_name], features[b_name])
+                     for b, b_name in enumerate(names)],
+                    2,
+                )
+                for a, a_name in enumerate(names)
+            ],
+            1,
+        )  # fmt: skip
+        return mean_nll.detach(), gradient, hessian
+
+    def _mean_nll_of_predictors(self, rows: Tensor, etas: Mapping[str, Tensor]) -> Tensor:
+        """The mean NLL of `rows` at their linear predictors (rows, observations); batched
+        observations see every other row's current predictors beside them."""
+        positions = None
+        if self.batched and len(rows) != self.rows:
+            positions = rows.to(self.observations.device)
+            with torch.no_grad():
+                everyone = self.model.predictors_of(self.assemble(torch.arange(self.rows)), self.observations.features)
+            etas = {name: everyone[name].index_copy(0, positions, eta) for name, eta in etas.items()}
+        natural = self.model.natural(self.model.values_of_predictors(etas))
+        total = self.observations.log_likelihood(self.family, natural, per_row=True)
+        if positions is not None:
+            total = total[positions]
+        return -total.reshape(len(rows)) / self.row_weight(rows)
 
     def coefficients_of(self, row: int) -> dict[str, Tensor]:
         """The row's standardised coefficients by parameter, each (1, k)."""

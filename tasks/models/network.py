@@ -289,7 +289,10 @@ class Training:
 
 
 def check_training(optimizer: str, training: Training, dropout: float) -> None:
-    """What L-BFGS cannot train: its line search needs the same deterministic objective every step."""
+    """What L-BFGS cannot train (its line search needs the same deterministic objective every
+    step), and newton, whose Hessian over a network's weights is out of reach."""
+    if optimizer == "newton":
+        raise InputError("newton fits distributions and regressions; a network trains with adam, sgd or lbfgs")
     if optimizer != "lbfgs":
         return
     if training.batch_size is not None:

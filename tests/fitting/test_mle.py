@@ -181,7 +181,8 @@ def test_triangular_with_its_peak_fixed_below_the_data():
         (dict(optimizer="sgd", lr=0.0), "learning rate must be a positive number, got 0.0"),
         (dict(optimizer="adam", lr=-0.1), "learning rate must be a positive number, got -0.1"),
         (dict(optimizer="adam", lr=math.nan), "learning rate must be a positive number"),
-        (dict(optimizer="newton"), r"unknown optimizer 'newton'; valid: lbfgs, adam, sgd"),
+        (dict(optimizer="bfgs"), r"unknown optimizer 'bfgs'; valid: lbfgs, adam, sgd, newton"),
+        (dict(optimizer="newton", lr=0.5), "newton takes full Newton steps.*give no learning rate"),
         (dict(optimizer="sgd", max_steps=0), "max steps must be at least 1"),
     ],
 )
@@ -191,7 +192,7 @@ def test_invalid_settings_raise_input_error(settings, pattern):
 
 
 def test_default_learning_rates():
-    assert [FitSettings(o).learning_rate for o in ("lbfgs", "adam", "sgd")] == [1.0, 0.05, 0.1]
+    assert [FitSettings(o).learning_rate for o in ("lbfgs", "adam", "sgd", "newton")] == [1.0, 0.05, 0.1, 1.0]
     assert FitSettings("adam", 0.3).learning_rate == 0.3
 
 

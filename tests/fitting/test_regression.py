@@ -69,20 +69,29 @@ def randhie() -> pd.DataFrame:
     return sm.datasets.randhie.load_pandas().data
 
 
-def test_poisson_glm_on_randhie(tmp_path, randhie):
+OPTIMIZERS = pytest.mark.parametrize("optimizer", ["lbfgs", "newton"])
+
+
+@OPTIMIZERS
+def test_poisson_glm_on_randhie(tmp_path, randhie, optimizer):
     model = sm.GLM.from_formula(f"mdvis ~ {RANDHIE}", randhie, family=sm.families.Poisson())
     oracle = model.fit(method="newton", tol=1e-12, maxiter=100)
-    result, evaluation = _fit(tmp_path, randhie, "mdvis", "poisson", {"rate": RANDHIE})
+    result, evaluation = _fit(tmp_path, randhie, "mdvis", "poisson", {"rate": RANDHIE}, optimizer={"name": optimizer})
+    assert result.converged, result.reason
     _not_worse(result.nll, -oracle.llf)
     # canonical link: observed = expected information
     _assert_matches(result, evaluation, "rate", list(oracle.params.index), oracle.params, oracle.bse)
 
 
-def test_negative_binomial_nb2_on_randhie(tmp_path, randhie):
+@OPTIMIZERS
+def test_negative_binomial_nb2_on_randhie(tmp_path, randhie, optimizer):
     oracle = NegativeBinomial.from_formula(f"mdvis ~ {RANDHIE}", randhie, loglike_method="nb2").fit(
         method="newton", tol=1e-12, maxiter=100, disp=0
     )
-    result, evaluation = _fit(tmp_path, randhie, "mdvis", "negativebinomial", {"mean": RANDHIE})
+    result, evaluation = _fit(
+        tmp_path, randhie, "mdvis", "negativebinomial", {"mean": RANDHIE}, optimizer={"name": optimizer}
+    )
+    assert result.converged, result.reason
     _not_worse(result.nll, -oracle.llf)
     names = list(oracle.params.index[:-1])
     _assert_matches(result, evaluation, "mean", names, oracle.params.iloc[:-1], oracle.bse.iloc[:-1])
@@ -109,8 +118,9 @@ def test_gamma_glm_with_log_link_on_scotland(tmp_path):
     assert result.params["dispersion"] == pytest.approx(1 / shape, rel=1e-4)
 
 
+@OPTIMIZERS
 @pytest.mark.parametrize("link", ["logit", "probit"])
-def test_binomial_glm_on_spector(tmp_path, link):
+def test_binomial_glm_on_spector(tmp_path, link, optimizer):
     data = sm.datasets.spector.load_pandas().data
     links = {"logit": sm.families.links.Logit(), "probit": sm.families.links.Probit()}
     glm = sm.GLM.from_formula("GRADE ~ GPA + TUCE + PSI", data, family=sm.families.Binomial(link=links[link]))
@@ -123,6 +133,7 @@ def test_binomial_glm_on_spector(tmp_path, link):
         {"probs": "GPA + TUCE + PSI"},
         fix={"total_count": 1.0},
         links={"probs": link},
+        optimizer={"name": optimizer},
     )
     _not_worse(result.nll, -oracle.llf)
     _assert_matches(result, evaluation, "probs", list(oracle.params.index), oracle.params, oracle.bse)
@@ -132,12 +143,20 @@ def _betareg_data(name: str) -> pd.DataFrame:
     return pd.read_csv(Path(statsmodels.__file__).parent / "othermod" / "tests" / "results" / name)
 
 
-def test_beta_regression_with_a_precision_model_on_methylation(tmp_path):
+@OPTIMIZERS
+def test_beta_regression_with_a_precision_model_on_methylation(tmp_path, optimizer):
     data = _betareg_data("methylation-test.csv")[["methylation", "gender", "CpG", "age"]]
     oracle = BetaModel.from_formula(
         "methylation ~ gender + CpG", data, exog_precision_formula="~ age", link_precision=sm.families.links.Log()
     ).fit(method="newton", tol=1e-12, maxiter=200, disp=0)
-    result, evaluation = _fit(tmp_path, data, "methylation", "beta", {"mean": "gender + CpG", "precision": "age"})
+    result, evaluation = _fit(
+        tmp_path,
+        data,
+        "methylation",
+        "beta",
+        {"mean": "gender + CpG", "precision": "age"},
+        optimizer={"name": optimizer},
+    )
     _not_worse(result.nll, -oracle.llf)
     means = [name for name in oracle.params.index if not name.startswith("precision")]
     _assert_matches(result, evaluation, "mean", means, oracle.params[means], oracle.bse[means])
@@ -158,7 +177,8 @@ def test_beta_regression_with_a_constant_precision_on_food_expenditure(tmp_path)
     assert result.params["precision"] == pytest.approx(math.exp(oracle.params["precision"]), rel=1e-4)
 
 
-def test_normal_linear_regression_with_a_log_linear_scale(tmp_path):
+@OPTIMIZERS
+def test_normal_linear_regression_with_a_log_linear_scale(tmp_path, optimizer):
     """The oracle: the same likelihood written in numpy, minimised by scipy's BFGS with its analytic
     gradient; with a constant scale, the closed form (OLS, σ² = RSS/n)."""
     rng = np.random.default_rng(5)
@@ -178,14 +198,14 @@ def test_normal_linear_regression_with_a_log_linear_scale(tmp_path):
         return value, gradient
 
     oracle = optimize.minimize(nll, np.zeros(5), jac=True, method="BFGS", options={"gtol": 1e-10})
-    result, _ = _fit(tmp_path, frame, "y", "normal", {"loc": "x + z", "scale": "x"})
+    result, _ = _fit(tmp_path, frame, "y", "normal", {"loc": "x + z", "scale": "x"}, optimizer={"name": optimizer})
     _not_worse(result.nll, oracle.fun)
     found = [*result.coefficients["loc"].values(), *result.coefficients["scale"].values()]
     np.testing.assert_allclose(found, oracle.x, rtol=1e-4)
     # constant scale: ordinary least squares
     ols, rss = np.linalg.lstsq(X, y, rcond=None)[:2]
     closed = 0.5 * n * (math.log(2 * math.pi * rss[0] / n) + 1)
-    result, evaluation = _fit(tmp_path, frame, "y", "normal", {"loc": "x + z"})
+    result, evaluation = _fit(tmp_path, frame, "y", "normal", {"loc": "x + z"}, optimizer={"name": optimizer})
     _not_worse(result.nll, closed)
     np.testing.assert_allclose(list(result.coefficients["loc"].values()), ols, rtol=1e-6)
     assert result.params["scale"] == pytest.approx(math.sqrt(rss[0] / n), rel=1e-6)
@@ -264,6 +284,66 @@ def test_trace_gradients_on_the_original_scale_equal_finite_differences(family_n
         assert float(reported[j]) == pytest.approx((mean_nll(up) - mean_nll(down)) / (2 * step), rel=1e-5, abs=1e-8)
 
 
+def _finite_difference_hessian(problem: LinearProblem, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Central differences of the autograd gradient of the objective, one coefficient at a time."""
+
+    def gradient(point: torch.Tensor) -> torch.Tensor:
+        point = point.clone().requires_grad_(True)
+        (value,) = torch.autograd.grad(problem.objective(rows, point).sum(), point)
+        return value
+
+    columns = []
+    for j in range(flat.shape[1]):
+        step = torch.zeros_like(flat)
+        step[:, j] = 1e-5
+        columns.append((gradient(flat + step) - gradient(flat - step)) / 2e-5)
+    return torch.stack(columns, 2)
+
+
+@pytest.mark.parametrize("family_name, parameter, link", LINK_CASES)
+def test_the_newton_derivatives_through_the_linear_predictors_equal_finite_differences(family_name, parameter, link):
+    _, problem = _link_problem(family_name, parameter, link)
+    rows = torch.tensor([0])
+    flat = problem.flat(rows) + 0.05
+    value, gradient, hessian = problem.derivatives(rows, flat)
+    assert float(value[0]) == pytest.approx(float(problem.objective(rows, flat)[0]), rel=1e-14)
+    point = flat.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(problem.objective(rows, point).sum(), point)
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(hessian, _finite_difference_hessian(problem, rows, flat), rtol=1e-5, atol=1e-7)
+
+
+def test_the_newton_derivatives_of_two_linked_parameters_on_weighted_censored_rows_equal_finite_differences():
+    """Cross terms ∂²ℓ/∂η_loc∂η_scale, weights and interval-censored rows; rows of a batch apart."""
+    from nllflow.likelihood.censoring import CensoredRows
+
+    rng = np.random.default_rng(4)
+    n, censored = 60, 15
+    frame = pd.DataFrame({"x": rng.uniform(-1, 1, n + censored)})
+    y = rng.normal(1.0, 1.5, n)
+    low = rng.normal(1.0, 1.5, censored)
+    family = get_family("normal")
+    observations = Observations(torch.as_tensor(y))
+    model = linear_model_for(family, {"loc": "x", "scale": "x"}, {}, {}, {}, frame, observations)
+    features = {k: torch.as_tensor(v) for k, v in model.features(model.design_matrices()).items()}
+    weights = torch.as_tensor(rng.integers(1, 4, n).astype(float))
+    rows_censored = CensoredRows(torch.as_tensor(low), torch.as_tensor(low + 0.7), None)
+    observations = Observations(torch.as_tensor(y), weights, rows_censored, features)
+
+    def start(loc: list[float], scale: list[float]) -> dict[str, torch.Tensor]:
+        return {"loc": torch.tensor([loc], dtype=torch.float64), "scale": torch.tensor([scale], dtype=torch.float64)}
+
+    starts = [start([0.8, 0.3], [0.2, -0.1]), start([1.1, -0.2], [0.5, 0.3])]
+    problem = LinearProblem(model, observations, starts)
+    rows = torch.tensor([0, 1])
+    flat = problem.flat(rows)
+    value, gradient, hessian = problem.derivatives(rows, flat)
+    torch.testing.assert_close(value, problem.objective(rows, flat), rtol=1e-14, atol=0)
+    assert float(hessian[0, 0, 2]) != 0  # loc and scale interact
+    torch.testing.assert_close(hessian, _finite_difference_hessian(problem, rows, flat), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(hessian, hessian.transpose(1, 2), rtol=1e-12, atol=1e-14)
+
+
 # --- recovery of simulated coefficients -----------------------------------------------------------
 
 # family, fixed values, {parameter: (intercept, slope)} on the link scale; each parameter has a formula
@@ -310,10 +390,13 @@ def _simulate(family_name: str, fixed: dict, truth: dict, n: int, seed: int) -> 
     return pd.DataFrame({"y": y, "x": x})
 
 
+@OPTIMIZERS
 @pytest.mark.parametrize("family_name, fixed, truth", RECOVERY, ids=[case[0] for case in RECOVERY])
-def test_every_family_recovers_simulated_coefficients(tmp_path, family_name, fixed, truth):
+def test_every_family_recovers_simulated_coefficients(tmp_path, family_name, fixed, truth, optimizer):
     frame = _simulate(family_name, fixed, truth, 3000, seed=11)
-    result, evaluation = _fit(tmp_path, frame, "y", family_name, {name: "x" for name in truth}, fix=fixed)
+    result, evaluation = _fit(
+        tmp_path, frame, "y", family_name, {name: "x" for name in truth}, fix=fixed, optimizer={"name": optimizer}
+    )
     assert result.converged, result.reason
     for name, (a, b) in truth.items():
         for term, value in (("Intercept", a), ("x", b)):

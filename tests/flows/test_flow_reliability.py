@@ -98,6 +98,7 @@ BAD_FITS = [
     ("--holdout 1", "invalid arguments at data.holdout: Input should be less than 1"),
     ("--lr inf", "argument --lr: must be a positive number, got 'inf'"),
     ("--lr nan", "argument --lr: must be a positive number, got 'nan'"),
+    ("--optimizer newton --lr 0.5", "newton takes full Newton steps, damped where they would not lower the NLL"),
     ("--dtype float16", "argument --dtype: invalid choice: 'float16'"),
     ("--device tpu", "argument --device: invalid choice: 'tpu'"),
     pytest.param(
@@ -151,6 +152,10 @@ BAD_SPECS = [
     (
         "name: s\nfamily: normal\ndata: {simulate: {params: {loc: 0, scale: 1}, n: 1}}\n",
         "at data.simulate.n: Input should be greater than 1",
+    ),
+    (
+        "name: s\nfamily: normal\noptimizer: {name: newton}\nsweep: {lr: [0.1, 1.0]}\n" + SIMULATED,
+        "newton takes full Newton steps, damped where they would not lower the NLL: give no learning rate",
     ),
     ("- just\n- a list\n", "must hold a mapping of spec keys, got list"),
     ("name: [unclosed\n", "is not valid YAML"),

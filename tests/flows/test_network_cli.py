@@ -141,6 +141,7 @@ BAD = [
     (["--network", "x", "--validation", "1.5"], "training.validation: Input should be less than 1"),
     (["--batch-size", "16"], "--batch-size trains a network: give --network 'TERMS' too"),
     (["--network", "x", "--optimizer", "lbfgs", "--batch-size", "8"], "L-BFGS takes the whole data each step"),
+    (["--network", "x", "--optimizer", "newton"], "newton fits distributions and regressions; a network trains with"),
 ]
 
 
