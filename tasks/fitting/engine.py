@@ -287,15 +287,36 @@ class _Snapshot:
 
 class RowProblem:
     """What every problem shares: the evaluations an L-BFGS line search left behind (`memo`),
-    which the loop's next evaluation at the accepted point reuses."""
+    which the loop's next evaluation at the accepted point reuses. A parameter model's problem
+    (`model.optimised` names its leaves, `leaves[row]` holds each row's, `observations` the data)
+    also gets its rows' leaves and weights from here."""
 
     memo: _Memo | None = None
+    leaves: list[list[Tensor]]
 
     def remembered(self, rows: Tensor) -> StepValues | None:
         memo, self.memo = self.memo, None
         if memo is None or rows.tolist() != [0]:
             return None
-        return memo.find(self.row_leaves(0))  # type: ignore[attr-defined]
+        return memo.find(self.row_leaves(0))
+
+    def row_leaves(self, row: int) -> list[Tensor]:
+        return self.leaves[row]
+
+    def nothing_to_optimise(self) -> bool:
+        return not self.model.optimised  # type: ignore[attr-defined]
+
+    def row_weight(self, rows: Tensor) -> Tensor:
+        weight = self.observations.row_weight  # type: ignore[attr-defined]
+        return weight[rows.to(weight.device)] if weight.dim() else weight.expand(len(rows))
+
+    def assemble(self, rows: Tensor) -> dict[str, Tensor]:
+        """The leaves of `rows` by name, each row's stacked along the first dimension."""
+        names = self.model.optimised  # type: ignore[attr-defined]
+        picked = rows.tolist()
+        if len(picked) == 1:
+            return dict(zip(names, self.leaves[picked[0]], strict=True))
+        return {name: torch.cat([self.leaves[row][i] for row in picked]) for i, name in enumerate(names)}
 
 
 class TorchStep:

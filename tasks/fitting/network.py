@@ -13,15 +13,13 @@ import threading
 import time
 from typing import Callable, Mapping
 
-import numpy as np
-import pandas as pd
 import torch
 
 from nllflow.data.formulas import intercept_design
 from nllflow.errors import InputError
 from nllflow.fitting.engine import Outcome, RowSettings, Tolerances, minimise, warn_unless_converged
 from nllflow.fitting.mle import FitResult, FitSettings
-from nllflow.fitting.regression import constant_fit, linear_estimates
+from nllflow.fitting.regression import constant_fit, parameter_model_result, trace_frame
 from nllflow.likelihood.observations import Observations
 from nllflow.models.linear import LinearModel
 from nllflow.models.network import EpochStep, NetworkModel, NetworkProblem, Training
@@ -101,39 +99,24 @@ def network_result(
 ) -> FitResult:
     """The FitResult of a trained network: the per-epoch trace, the linear predictors' coefficients
     on the original scale, each parameter's value per training row."""
-    table = torch.stack(run.trace).double().cpu().numpy()
-    trace = pd.DataFrame(table, columns=problem.columns)
-    trace.insert(0, "lr", lr)
-    trace.insert(0, "step", np.arange(len(trace)))
     observations = problem.observations
     coefficients = {name: value.detach().clone() for name, value in problem.coefficients.items()}
-    formulas, params = linear_estimates(model, coefficients)
     with torch.no_grad():
         values = model.values(coefficients, observations.features)
         natural = model.natural(values)
-    total = mean_nll * float(observations.row_weight)
     labels = [*model.targets, *[label for p in model.predictors.values() for label in p.labels]]
-    return FitResult(
-        family=model.family.name,
-        params=params,
-        fixed={name: float(value) for name, value in model.fixed.items()},
-        free=tuple(labels),
-        free_params=model.free,
-        natural={name: value.detach().reshape(-1) for name, value in natural.items()},
-        outcome=run.outcome,
-        reason=run.message,
-        steps=len(trace) - 1,
-        nll=total,
-        mean_nll=mean_nll,
-        grad_norm=float(trace["grad_norm"].iloc[-1]),
-        trace=trace,
-        optimizer=settings.optimizer,
+    return parameter_model_result(
+        model,
+        run,
+        trace_frame(run, problem.columns, lr),
+        coefficients,
+        values,
+        natural,
+        labels,
+        settings=settings,
         lr=lr,
-        step_times=list(run.times),
+        nll=mean_nll * float(observations.row_weight),
+        mean_nll=mean_nll,
         started_at=started_at,
-        coefficients=formulas,
-        model=model,
-        standardised={name: value[0].double().cpu() for name, value in coefficients.items()},
-        values={name: value.detach().reshape(-1) for name, value in values.items() if value.dim()},
         validation_mean_nll=validation_mean_nll,
     )

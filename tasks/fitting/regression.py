@@ -136,17 +136,55 @@ def regression_result(
 ) -> FitResult:
     """The FitResult of one row: coefficients on the original scale, the formula-free parameters'
     values in `params`, the trace."""
-    labels = model.labels()
-    columns = ["nll", "mean_nll", "grad_norm", *labels, *[f"grad_{label}" for label in labels]]
-    table = torch.stack(run.trace).double().cpu().numpy() if run.trace else np.empty((0, len(columns)))
-    trace = pd.DataFrame(table, columns=columns)
-    trace.insert(0, "lr", settings.learning_rate)
-    trace.insert(0, "step", np.arange(len(trace)))
     standardised = problem.coefficients_of(row)
-    coefficients, params = linear_estimates(model, standardised)
     with torch.no_grad():
         values, natural = problem.parameters(standardised)
+    trace = trace_frame(run, problem.columns, settings.learning_rate)
     last = trace.iloc[-1]
+    return parameter_model_result(
+        model,
+        run,
+        trace,
+        standardised,
+        values,
+        natural,
+        model.labels(),
+        settings=settings,
+        lr=settings.learning_rate,
+        nll=float(last["nll"]),
+        mean_nll=float(last["mean_nll"]),
+        started_at=started_at,
+    )
+
+
+def trace_frame(run: RowRun, columns: Sequence[str], lr: float) -> pd.DataFrame:
+    """A run's trace as a table: step, lr, then `columns`."""
+    table = torch.stack(run.trace).double().cpu().numpy() if run.trace else np.empty((0, len(columns)))
+    trace = pd.DataFrame(table, columns=list(columns))
+    trace.insert(0, "lr", lr)
+    trace.insert(0, "step", np.arange(len(trace)))
+    return trace
+
+
+def parameter_model_result(
+    model,
+    run: RowRun,
+    trace: pd.DataFrame,
+    standardised: Mapping[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
+    natural: Mapping[str, torch.Tensor],
+    labels: Sequence[str],
+    *,
+    settings: FitSettings,
+    lr: float,
+    nll: float,
+    mean_nll: float,
+    started_at: float,
+    validation_mean_nll: float | None = None,
+) -> FitResult:
+    """The FitResult of a parameter model (a LinearModel's or a NetworkModel's) at its standardised
+    linear coefficients, with each parameter's `values` per row and the family's `natural` ones."""
+    coefficients, params = linear_estimates(model, standardised)
     return FitResult(
         family=model.family.name,
         params=params,
@@ -157,16 +195,17 @@ def regression_result(
         outcome=run.outcome,
         reason=run.message,
         steps=len(trace) - 1,
-        nll=float(last["nll"]),
-        mean_nll=float(last["mean_nll"]),
-        grad_norm=float(last["grad_norm"]),
+        nll=nll,
+        mean_nll=mean_nll,
+        grad_norm=float(trace["grad_norm"].iloc[-1]),
         trace=trace,
         optimizer=settings.optimizer,
-        lr=settings.learning_rate,
+        lr=lr,
         step_times=list(run.times),
         started_at=started_at,
         coefficients=coefficients,
         model=model,
         standardised={name: value[0].double().cpu() for name, value in standardised.items()},
         values={name: value.detach().reshape(-1) for name, value in values.items() if value.dim()},
+        validation_mean_nll=validation_mean_nll,
     )

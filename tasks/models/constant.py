@@ -259,23 +259,6 @@ class ConstantProblem(RowProblem):
                 ]
             )
 
-    def row_leaves(self, row: int) -> list[Tensor]:
-        return self.leaves[row]
-
-    def nothing_to_optimise(self) -> bool:
-        return not self.model.optimised
-
-    def row_weight(self, rows: Tensor) -> Tensor:
-        weight = self.observations.row_weight
-        return weight[rows.to(weight.device)] if weight.dim() else weight.expand(len(rows))
-
-    def assemble(self, rows: Tensor) -> dict[str, Tensor]:
-        """The unconstrained values of `rows`, each (len(rows), 1, *shape)."""
-        picked = rows.tolist()
-        if len(picked) == 1:
-            return dict(zip(self.model.optimised, self.leaves[picked[0]], strict=True))
-        return {name: torch.cat([self.leaves[row][i] for row in picked]) for i, name in enumerate(self.model.optimised)}
-
     def _log_likelihood(self, rows: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         """The log-likelihood of each of `rows` at natural `params` (the rows' own values).
         Batched observations (resamples) hold one data set per row of the problem, so the rows are

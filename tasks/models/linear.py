@@ -238,22 +238,6 @@ class LinearProblem(RowProblem):
             for start in starts
         ]
 
-    def row_leaves(self, row: int) -> list[Tensor]:
-        return self.leaves[row]
-
-    def nothing_to_optimise(self) -> bool:
-        return not self.model.optimised
-
-    def row_weight(self, rows: Tensor) -> Tensor:
-        weight = self.observations.row_weight
-        return weight[rows.to(weight.device)] if weight.dim() else weight.expand(len(rows))
-
-    def assemble(self, rows: Tensor) -> dict[str, Tensor]:
-        picked = rows.tolist()
-        if len(picked) == 1:
-            return dict(zip(self.model.optimised, self.leaves[picked[0]], strict=True))
-        return {name: torch.cat([self.leaves[row][i] for row in picked]) for i, name in enumerate(self.model.optimised)}
-
     def _everyone(self, rows: Tensor, coefficients: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
         """Batched observations hold one data set per row of the problem: `rows`' coefficients among
         every other row's current ones, and where `rows` sit."""
