@@ -135,7 +135,7 @@ BAD_FITS = [
     (["--column", "neg", "--lr", "0"], "argument --lr: must be a positive number, got '0'"),
     (["--column", "neg", "--lr", "-1e-3"], "argument --lr: must be a positive number, got '-1e-3'"),
     (["--column", "neg", "--lr", "fast"], "argument --lr: must be a positive number, got 'fast'"),
-    (["--column", "neg", "--optimizer", "newton"], "invalid choice: 'newton'"),
+    (["--column", "neg", "--optimizer", "bfgs"], "invalid choice: 'bfgs'"),
 ]
 
 
