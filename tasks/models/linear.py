@@ -209,6 +209,10 @@ class LinearModel:
         start = {}
         for name, p in self.predictors.items():
             target = p.link.forward(torch.tensor(float(constants[name]), dtype=torch.float64))
+            if p.design.has_intercept:  # the other standardised columns are centred: orthogonal to it
+                start[name] = torch.zeros((1, p.size), dtype=torch.float64)
+                start[name][0, p.design.columns.index("Intercept")] = target
+                continue
             features = torch.as_tensor(p.standardise(p.design.matrix))
             solution = torch.linalg.lstsq(
                 features, torch.full((features.shape[0], 1), float(target), dtype=torch.float64)
