@@ -450,7 +450,19 @@ def _print_json(summary: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The `nllflow` command: run in the warm runner when one serves it (nllflow.flows.runner),
+    else here. A call with `argv` (the API's, the tests') always runs here."""
+    if argv is None:
+        from nllflow.flows.runner import delegate
+
+        code = delegate(sys.argv[1:])
+        if code is not None:
+            return code
+    return run_in_process(sys.argv[1:] if argv is None else argv)
+
+
+def run_in_process(argv: Sequence[str]) -> int:
+    argv = list(argv)
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nllflow.errors import InputError
+from nllflow.flows.runner import WARM_ENV
 from nllflow.flows.serve import end_group, healthy, is_running, running_prefect_api
 from nllflow.tracking.store import nllflow_home
 
@@ -350,14 +351,17 @@ def supervise(port: int, minutes: float) -> int:
     command += ["--no-ui", "--no-scheduler", "--no-late-runs", "--analytics-off"]
     server = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     me = {"pid": os.getpid()}
+    runner: list[subprocess.Popen] = []
 
     def finish(*_: object) -> None:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        for process in [*runner, server]:
+            process.terminate()
+        for process in [*runner, server]:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         _forget(me)
         sys.exit(0)
 
@@ -365,6 +369,14 @@ def supervise(port: int, minutes: float) -> int:
     signal.signal(signal.SIGINT, finish)
     check = min(CHECK_SECONDS, max(0.5, minutes * 6))
     print(f"supervisor {os.getpid()}: Prefect server on port {port}, stops after {minutes:g} min idle", flush=True)
+    if os.environ.get(WARM_ENV, "1") != "0":
+        # after the server answers: the runner's imports would slow the start a command waits for
+        health = f"http://{HOST}:{port}/api/health"
+        while server.poll() is None and not healthy(health):
+            time.sleep(POLL_SECONDS)
+        runner.append(
+            subprocess.Popen([sys.executable, "-m", "nllflow.flows.runner"], env=os.environ, stdin=subprocess.DEVNULL)
+        )
     while server.poll() is None:
         time.sleep(check)
         last = folder / "last-used"
@@ -381,6 +393,8 @@ def supervise(port: int, minutes: float) -> int:
                 print(f"supervisor {os.getpid()}: idle for {minutes:g} min, stopping", flush=True)
                 finish()
     print(f"supervisor {os.getpid()}: the Prefect server exited with code {server.returncode}", flush=True)
+    for process in runner:
+        process.terminate()
     _forget(me)
     return 0
 
