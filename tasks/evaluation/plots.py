@@ -328,17 +328,27 @@ def pp_plot(sample: Sample, curves: Sequence[Curve], title: str) -> Figure:
     return figure
 
 
+def _fitted_quantiles(curve: Curve, x: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """The fitted quantiles at `probabilities`: scipy's quantile function where the family maps to
+    one (a Q-Q plot of a gamma fit took half a second of Newton steps on its continued fraction),
+    else Newton from the data themselves, near a fitted quantile when the fit is any good."""
+    if curve.family.scipy is not None and all(value.numel() == 1 for value in curve.natural.values()):
+        fitted = np.asarray(curve.family.scipy({k: float(v) for k, v in curve.natural.items()}).ppf(probabilities))
+        if np.isfinite(fitted).all():
+            return fitted
+    span = float(x.max() - x.min()) or 1.0
+    return quantiles(
+        curve.family, curve.dist(), probabilities, float(x.min()) - span, float(x.max()) + span, guess=x
+    ).numpy()
+
+
 def qq_plot(sample: Sample, curves: Sequence[Curve], title: str) -> Figure:
     """Empirical against fitted quantiles, at the empirical probabilities of the data."""
     x, empirical = _thinned(sample)
     figure, axis = plt.subplots(figsize=_square(len(curves)))
     shown = [x]
     for i, curve in enumerate(curves):
-        span = float(x.max() - x.min()) or 1.0
-        # Newton from the data themselves: near a fitted quantile when the fit is any good
-        fitted = quantiles(
-            curve.family, curve.dist(), empirical, float(x.min()) - span, float(x.max()) + span, guess=x
-        ).numpy()
+        fitted = _fitted_quantiles(curve, x, empirical)
         axis.scatter(fitted, x, s=8, alpha=0.6, color=_colour(i, len(curves)), label=curve.label)
         shown.append(fitted[np.isfinite(fitted)])
     everything = np.concatenate(shown)

@@ -84,3 +84,16 @@ def test_qq_quantiles_match_scipy(name):
         case.frozen().ppf(probabilities),
         rtol=1e-9,
     )
+
+
+@pytest.mark.parametrize("name", ["gamma", "triangular"])
+def test_qq_plot_quantiles_agree_with_the_newton_search(name):
+    # gamma's come from scipy's quantile function, the Triangular's (no scipy mapping) from Newton
+    case = CASES[name]
+    params = {k: torch.tensor(v, dtype=torch.float64) for k, v in case.params.items()}
+    family = get_family(name)
+    x = np.sort(case.sample(200, seed=3))
+    probabilities = (np.arange(1, 201) - 0.5) / 200
+    fitted = plots._fitted_quantiles(plots.Curve(name, family, params), x, probabilities)
+    searched = quantiles(family, family.build(**params, validate_args=False), probabilities, x.min() - 1, x.max() + 1)
+    np.testing.assert_allclose(fitted, searched.numpy(), rtol=1e-9)

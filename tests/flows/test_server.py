@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUNDBEEF = ROOT / "experiments" / "data" / "groundbeef.parquet"
@@ -119,6 +122,57 @@ def test_a_second_command_uses_the_first_commands_server(env, home):
     assert status.returncode == 0 and state["api_url"] in status.stdout and str(state["pid"]) in status.stdout
 
 
+def _runner_children(home: Path) -> int:
+    """How many commands the warm runner has forked a child for (its log lines)."""
+    log = home / "server" / "server.log"
+    return sum(": child " in line for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+def _wait_for_runner(home: Path) -> dict:
+    path = home / "server" / "runner.json"
+    deadline = time.monotonic() + COMMAND_SECONDS
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert path.exists(), (home / "server" / "server.log").read_text()[-3000:]
+    return json.loads(path.read_text())
+
+
+def _run_status(database: Path, run_id: str) -> str | None:
+    with sqlite3.connect(database) as connection:
+        row = connection.execute("select status from runs where run_uuid = ?", (run_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def test_the_warm_runner_serves_commands_of_its_own_environment_only(env, home, tmp_path):
+    folder, seen = home
+    _fit(env)  # the server (and with it the runner) runs
+    seen.add(_state(folder)["pid"])
+    runner = _wait_for_runner(folder)
+    assert _alive(runner["pid"]) and runner["pid"] in _group(_state(folder)["pid"])
+    served = _runner_children(folder)
+    result = _fit(env)
+    assert _runner_children(folder) == served + 1
+    # the same answer as a process of its own: scipy's closed-form gamma MLE, recorded in this store
+    x = pd.read_parquet(GROUNDBEEF)["serving"].to_numpy()
+    shape, _, scale = stats.gamma.fit(x, floc=0)
+    assert result["params"]["concentration"] == pytest.approx(shape, rel=1e-6)
+    assert result["params"]["rate"] == pytest.approx(1 / scale, rel=1e-6)
+    assert _run_status(folder / "mlflow.db", result["run_id"]) == "FINISHED"
+    # bad input through the runner: its one line on the command's stderr, exit 2
+    refused = _nllflow(env, "fit", "--data", "missing.csv", "--column", "x", "--family", "gamma")
+    assert refused.returncode == 2 and refused.stderr.startswith("nllflow: error:") and "missing.csv" in refused.stderr
+    assert _runner_children(folder) == served + 2
+    # another store is another environment: the command runs in its own process and records there
+    other = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"}
+    elsewhere = _fit(other)
+    assert _runner_children(folder) == served + 2
+    assert _run_status(tmp_path / "other.db", elsewhere["run_id"]) == "FINISHED"
+    assert _run_status(folder / "mlflow.db", elsewhere["run_id"]) is None
+    # and NLLFLOW_WARM=0 runs a command in its own process
+    _fit({**env, "NLLFLOW_WARM": "0"})
+    assert _runner_children(folder) == served + 2
+
+
 def test_a_stale_state_file_is_replaced(env, home):
     folder, seen = home
     claim = (
@@ -166,6 +220,7 @@ def test_concurrent_commands_start_one_server_and_stop_leaves_no_process(env, ho
     stopped = _nllflow(env, "server", "stop")
     assert stopped.returncode == 0 and str(pid) in stopped.stdout
     assert not any(_alive(member) for member in members)
+    assert not [member for member in _group(pid) if _alive(member)]  # the warm runner too
     assert _state(folder) is None
     assert _nllflow(env, "server", "status").returncode == 1
 
