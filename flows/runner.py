@@ -143,8 +143,10 @@ def delegate(argv: Sequence[str]) -> int | None:
         if first is None or "declined" in first:
             return None
         child = first["pid"]
+        forwarded: list[int] = []
 
         def forward(signum: int, _frame: object) -> None:
+            forwarded.append(signum)
             try:
                 os.kill(child, signum)
             except ProcessLookupError:
@@ -158,6 +160,8 @@ def delegate(argv: Sequence[str]) -> int | None:
                     return int(message["exit"])
         except (OSError, ValueError):
             pass
+    if forwarded:  # the child ended by the signal passed on to it: the status a shell reports for that
+        return 128 + forwarded[-1]
     print(f"nllflow: failed: the warm runner's process {child} ended without an exit status", file=sys.stderr)
     return 1
 

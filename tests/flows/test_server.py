@@ -173,6 +173,34 @@ def test_the_warm_runner_serves_commands_of_its_own_environment_only(env, home, 
     assert _runner_children(folder) == served + 2
 
 
+def test_ctrl_c_reaches_the_warm_runners_child(env, home):
+    folder, seen = home
+    _fit(env)
+    seen.add(_state(folder)["pid"])
+    _wait_for_runner(folder)
+    served = _runner_children(folder)
+    command = [sys.executable, "-m", "nllflow", "run", str(ROOT / "experiments" / "gamma_lr_sweep.yaml")]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _runner_children(folder) == served and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _runner_children(folder) == served + 1
+        log = (folder / "server" / "server.log").read_text().splitlines()
+        child = int([line for line in log if ": child " in line][-1].split(": child ")[1].split(":")[0])
+        time.sleep(1.5)  # into the sweep (it takes tens of seconds)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "nllflow: interrupted" in stderr
+    deadline = time.monotonic() + 30
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
 def test_a_stale_state_file_is_replaced(env, home):
     folder, seen = home
     claim = (
