@@ -11,9 +11,12 @@ from mlflow.tracking import MlflowClient
 
 from nllflow.pipeline import prefect_tasks
 from nllflow.spec import parse_spec
+from nllflow.tracking import recorder
 from nllflow.tracking.recorder import KEY_TAG, PARENT_TAG, Tracker, run_key
 
 CALLS = ("create_run", "log_batch", "log_inputs", "log_artifacts", "set_terminated", "search_runs")
+# the metric histories go into a SQL store's table directly (recorder._insert_metrics), not by log_batch
+DIRECT = ("_insert_metrics",)
 
 
 class TransientFault(ConnectionError):
@@ -27,7 +30,8 @@ class Faults:
         self.method, self.when, self.failing = method, when, failing
         self.calls, self.failed = 0, 0
         self.lock = threading.Lock()
-        self.original = getattr(MlflowClient, method)
+        self.owner = recorder if method in DIRECT else MlflowClient
+        self.original = getattr(self.owner, method)
 
     def install(self, monkeypatch) -> None:
         faults = self
@@ -44,7 +48,7 @@ class Faults:
                 raise TransientFault(f"injected: {faults.method} ran, its answer was lost")
             return result
 
-        monkeypatch.setattr(MlflowClient, self.method, wrapper)
+        monkeypatch.setattr(self.owner, self.method, wrapper)
 
 
 def _sweep_spec(name: str):
@@ -70,7 +74,7 @@ def fast_retries(monkeypatch):
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("method", CALLS)
+@pytest.mark.parametrize("method", CALLS + DIRECT)
 def test_a_sweep_survives_one_transient_fault_in_each_mlflow_call(tracker, fast_retries, monkeypatch, method, when):
     from nllflow.flows.sweep import sweep
 
@@ -160,3 +164,41 @@ def test_two_runs_that_got_one_key_settle_on_one(tracker):
     runs = tracker.client.search_runs([experiment], f"tags.`{KEY_TAG}` = '{key}'")
     assert [run.info.run_id for run in runs] == [created[0]] and runs[0].info.status == "FINISHED"
     assert tracker.client.get_run(created[1]).info.lifecycle_stage == "deleted"
+
+
+def test_metrics_inserted_directly_read_back_as_log_batch_writes_them(tracker):
+    """The oracle is MLflow's own log_batch: the same points (NaN, ±inf, ties in step, out of
+    order) give the same histories and the same latest values; a retry doubles nothing; a
+    deleted run takes no more points."""
+    import math
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    experiment_id = tracker.experiment_id("direct-metrics")
+    values = [(0, 3.0), (1, math.nan), (2, math.inf), (2, 1.0), (1, 5.0)]
+    points = [Metric("loss", value, 1000 + i, step) for i, (step, value) in enumerate(values)]
+    points += [Metric("grad", -math.inf, 5, 0), Metric("grad", 2.0, 4, 0)]
+    direct, batch = (client.create_run(experiment_id).info.run_id for _ in range(2))
+    store = client._tracking_client.store
+    assert recorder._insert_metrics(store, direct, points)
+    assert recorder._insert_metrics(store, direct, points)  # a retried task's second write
+    client.log_batch(batch, metrics=points)
+
+    def history(run_id: str, key: str) -> list:
+        return sorted(
+            (m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
+            for m in client.get_metric_history(run_id, key)
+        )
+
+    for key in ("loss", "grad"):
+        assert history(direct, key) == history(batch, key)
+    assert len(history(direct, "loss")) == len(values)
+    assert client.get_run(direct).data.metrics == client.get_run(batch).data.metrics == {
+        "loss": 1.0,
+        "grad": -1.7976931348623157e308,
+    }
+    client.delete_run(direct)
+    with pytest.raises(MlflowException, match="active"):
+        recorder._insert_metrics(store, direct, points)
