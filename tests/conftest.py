@@ -49,6 +49,11 @@ def tracking_home(tmp_path_factory):
     os.environ["NLLFLOW_HOME"] = str(home)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     yield home
+    # a flow run outside the harness (the API's, the CLI's) started nllflow's background server
+    # (and its warm runner) in this home: stopped by PID, its whole process group
+    from nllflow.flows.server import stop
+
+    stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
