@@ -45,8 +45,11 @@ def shared_data() -> Path:
 def tracking_home(tmp_path_factory):
     """nllflow's home and MLflow store for the session, set before any flow runs."""
     home = tmp_path_factory.mktemp("nllflow-home")
-    saved = {k: os.environ.get(k) for k in ("NLLFLOW_HOME", "MLFLOW_TRACKING_URI")}
+    saved = {k: os.environ.get(k) for k in ("NLLFLOW_HOME", "MLFLOW_TRACKING_URI", "NLLFLOW_WARM")}
     os.environ["NLLFLOW_HOME"] = str(home)
+    # a background server that a flow outside the harness starts here needs no warm runner (its
+    # imports would load the 2 cores that the end-to-end tests time out on); test_server tests it
+    os.environ["NLLFLOW_WARM"] = "0"
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     yield home
     # a flow run outside the harness (the API's, the CLI's) started nllflow's background server

@@ -525,9 +525,10 @@ def _insert_metrics(store: Any, run_id: str, metrics: list) -> bool:
     per point: a 1000-step trace (7000 points) took 1.5-2 s, this takes a tenth of that. As
     `log_batch` does, a point already recorded (a retried task's) is skipped, not duplicated, and
     a deleted run is refused."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    dialect = store.engine.dialect.name if isinstance(store, SqlAlchemyStore) else None
+    # (an MLflow server's client has no engine: importing the SQL store would cost it a second or two)
+    engine = getattr(store, "engine", None)
+    sql = engine is not None and hasattr(store, "_update_latest_metrics_if_necessary")
+    dialect = engine.dialect.name if sql else None
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif dialect == "postgresql":

@@ -68,7 +68,8 @@ def home(tmp_path_factory):
 @pytest.fixture
 def env(home):
     folder, seen = home
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "NLLFLOW_SERVER"))}
+    outside = ("PREFECT_", "MLFLOW_", "NLLFLOW_SERVER", "NLLFLOW_WARM")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(outside)}
     environment.update(
         NLLFLOW_HOME=str(folder),
         MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
