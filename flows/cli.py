@@ -10,10 +10,11 @@ refused in about a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 from nllflow.errors import InputError
 
@@ -351,6 +352,7 @@ def _write_plots(run_id: str, folder: str, children: dict[str, str | None] | Non
 
     from nllflow.tracking.recorder import Tracker
 
+    _render_deferred_plots(sys.stderr)
     tracker = Tracker()
     tracker.download_plots(run_id, Path(folder))
     for name, child in (children or {}).items():
@@ -458,7 +460,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = delegate(sys.argv[1:])
         if code is not None:
             return code
-    return run_in_process(sys.argv[1:] if argv is None else argv)
+    with plots_after_the_answer(sys.stderr):
+        return run_in_process(sys.argv[1:] if argv is None else argv)
+
+
+@contextlib.contextmanager
+def plots_after_the_answer(errors: TextIO) -> Iterator[None]:
+    """The fits' figures rendered and logged when the command has answered
+    (nllflow.tracking.deferred), a line on `errors` for a run whose figures could not be."""
+    from nllflow.tracking import deferred
+
+    deferred.start()
+    try:
+        yield
+    finally:
+        _render_deferred_plots(errors)
+
+
+def _render_deferred_plots(errors: TextIO) -> None:
+    from nllflow.tracking.deferred import run_deferred
+
+    for failure in run_deferred():
+        print(f"nllflow: warning: a run's plots were not recorded: {failure}", file=errors, flush=True)
 
 
 def run_in_process(argv: Sequence[str]) -> int:

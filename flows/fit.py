@@ -17,8 +17,18 @@ from nllflow.tracking.store import tracking_uri
 
 
 def started_by_a_deployment() -> bool:
-    """Whether this flow run came through a deployment (its parameters from whoever started it)."""
-    return runtime.deployment.id is not None
+    """Whether this flow run came through a deployment (its parameters from whoever started it),
+    itself or as a child of a deployment's flow run."""
+    import prefect.context
+
+    # the engine sets this context variable for a deployment's flow run and its children; without
+    # it, `runtime.deployment.id` reads the flow run back from the API (a request per flow)
+    deployment_id = getattr(prefect.context, "_deployment_id", None)
+    if deployment_id is None:
+        return runtime.deployment.id is not None
+    context = prefect.context.FlowRunContext.get()
+    own = context.flow_run.deployment_id if context is not None and context.flow_run is not None else None
+    return own is not None or deployment_id.get() is not None
 
 
 def flow_run_tags() -> dict[str, str]:

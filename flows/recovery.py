@@ -19,6 +19,7 @@ import threading
 from prefect import get_client, get_run_logger, runtime
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import StateType
+from prefect.context import FlowRunContext
 from prefect.states import Crashed
 
 from nllflow.pipeline import prefect_tasks as steps
@@ -35,7 +36,10 @@ def recover_abandoned_runs(top_level: bool = True) -> None:
     host_tag, pid_tag = f"{HOST_TAG}:", f"{PID_TAG}:"
     recover = top_level and not _recovered.is_set()
     with get_client(sync_client=True) as client:
-        own = client.read_flow_run(runtime.flow_run.id)
+        context = FlowRunContext.get()
+        own = context.flow_run if context is not None and context.flow_run is not None else None
+        if own is None:
+            own = client.read_flow_run(runtime.flow_run.id)
         client.update_flow_run(own.id, tags=[*own.tags, host_tag + host, pid_tag + str(os.getpid())])
         if recover:
             _recovered.set()

@@ -203,17 +203,30 @@ def _serve_one(connection: socket.socket, own_fingerprint: str) -> int:
     print(f"runner {os.getppid()}: child {os.getpid()}: nllflow {' '.join(request['argv'][:1])}", file=_log)
     _log.flush()
     _send(connection, {"pid": os.getpid()})
-    from nllflow.flows.cli import run_in_process
+    from nllflow.flows.cli import plots_after_the_answer, run_in_process
 
-    try:
-        code = run_in_process(request["argv"])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    _send(connection, {"exit": code})
+    # the command has its answer and exit status before the figures are rendered (in this child,
+    # its streams handed back; a failure goes to the server's log)
+    with plots_after_the_answer(_log):
+        try:
+            code = run_in_process(request["argv"])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        _send(connection, {"exit": code})
+        _release_streams(connection)
     return code
+
+
+def _release_streams(connection: socket.socket) -> None:
+    """Let go of the command's terminal and socket: the command has exited, this child goes on."""
+    connection.close()
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    os.close(null)
 
 
 # the runner's own log (the server's log): the child's stderr is the command's

@@ -196,9 +196,15 @@ class Lease:
             os.environ["PREFECT_API_URL"] = self.url
             _ours.add(self.url)
             if "prefect" in sys.modules:
-                from prefect.settings import PREFECT_API_URL, temporary_settings
+                from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-                self._stack.enter_context(temporary_settings({PREFECT_API_URL: self.url}))
+                updates: dict[Any, Any] = {PREFECT_API_URL: self.url}
+                if not any(name in os.environ for name in _HEARTBEAT_SETTINGS):
+                    # a flow joins its heartbeat thread at its end, which sleeps in whole seconds: up
+                    # to a second after every flow and child flow. A command's flows need none (no
+                    # automation watches them; a worker's deployments set their own frequency)
+                    updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+                self._stack.enter_context(temporary_settings(updates))
         except BaseException:
             self.close()
             raise
@@ -215,6 +221,7 @@ class Lease:
             self._lock = None
 
 
+_HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 # the URLs of nllflow's own servers that this process pointed PREFECT_API_URL at: not the user's
 _ours: set[str] = set()
 

@@ -2,7 +2,8 @@
 
 Every fit becomes a run with its parameters, the per-step trace as metric histories and as
 `trace.parquet`, the fit table `fit.parquet`, summary metrics (at step 0, apart from the histories),
-the data as an MLflow dataset input, a Markdown description and plots. A sweep is a parent run whose
+the data as an MLflow dataset input, a Markdown description and plots (rendered after the command's
+answer where the CLI defers them: nllflow.tracking.deferred). A sweep is a parent run whose
 children carry `mlflow.parentRunId` explicitly (MLflow's active run is thread-local, so nothing here
 relies on it); the parent gathers its children from the tracking store, so it works the same whether
 they ran in threads, on Dask workers or on other hosts.
@@ -28,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import yaml
@@ -40,6 +41,7 @@ from nllflow.fitting.mle import FitResult
 from nllflow.models.constant import unflatten
 from nllflow.pipeline.steps import FitProblem, SplitSample
 from nllflow.spec import ComparisonSpec, ExperimentSpec
+from nllflow.tracking import deferred
 from nllflow.tracking.store import (
     HOST_TAG,
     PID_TAG,
@@ -62,6 +64,8 @@ PARENT_TAG = "mlflow.parentRunId"
 COLOUR_TAG = "mlflow.runColor"
 KEY_TAG = "nllflow.key"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# set while a run's figures wait for the command's answer (nllflow.tracking.deferred), removed once logged
+PLOTS_PENDING_TAG = "nllflow.plots_pending"
 
 
 def run_key(*parts: str | None) -> str:
@@ -170,11 +174,21 @@ class Tracker:
         run = self.client.get_run(run_id)
         if status in ("FINISHED", "FAILED") and run.data.tags.get("nllflow.complete") == "true":
             return run_id
-        from mlflow.entities import Param
+        from mlflow.entities import Param, RunTag
 
         started_ms = int(result.started_at * 1000)
         params = _fit_params(spec, data, problem)
-        self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+        outcome_tags = {
+            "reason": result.reason,
+            "outcome": result.outcome.value,
+            "converged": str(result.converged).lower(),
+            "mlflow.note.content": fit_description(spec, result, evaluation),
+        }
+        self.client.log_batch(
+            run_id,
+            params=[Param(k, _param(v)) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in outcome_tags.items()],
+        )
         metrics = _trace_metrics(result, started_ms) + _summary_metrics(result, evaluation, data, started_ms)
         if run.data.metrics:
             # an earlier attempt logged some: a retry has the same points (its timestamps come from the
@@ -183,13 +197,15 @@ class Tracker:
             metrics = [metric for metric in metrics if (metric.key, metric.step) not in logged]
         self._log_metrics(run_id, metrics)
         self._log_dataset(run_id, data)
-        self.client.set_tag(run_id, "reason", result.reason)
-        self.client.set_tag(run_id, "outcome", result.outcome.value)
-        self.client.set_tag(run_id, "converged", str(result.converged).lower())
-        self.client.set_tag(run_id, "mlflow.note.content", fit_description(spec, result, evaluation))
         with tempfile.TemporaryDirectory() as folder:
             _write_fit_artifacts(Path(folder), spec, data, problem, result, evaluation)
             self.client.log_artifacts(run_id, folder)
+        if spec.record_plots:
+            from nllflow.evaluation import plots
+
+            self._record_figures(
+                run_id, lambda: plots.fit_figures(spec.label(), data.train, problem.family, result, evaluation)
+            )
         self.client.set_tag(run_id, "nllflow.complete", "true")
         self.client.set_terminated(run_id, "FAILED" if result.diverged else "FINISHED")
         return run_id
@@ -394,14 +410,18 @@ class Tracker:
         colours = self._colour_children(table, colours_set)
         with tempfile.TemporaryDirectory() as folder:
             table.to_parquet(Path(folder) / table_name, index=False)
-            with plots.LOCK:
-                figures = {}
-                if curves:
-                    figures["loss_overlay.png"] = plots.loss_overlay(curves, "NLL per configuration", colours)
-                if len(succeeded) > 1 and succeeded["lr"].nunique() > 1:
-                    figures["hyperparameters.png"] = plots.hyperparameter_chart(succeeded, rank_by)
-                plots.save_figures(Path(folder), figures)
             self.client.log_artifacts(parent_run_id, folder)
+
+        def figures() -> dict[str, Any]:
+            drawn = {}
+            with plots.LOCK:
+                if curves:
+                    drawn["loss_overlay.png"] = plots.loss_overlay(curves, "NLL per configuration", colours)
+                if len(succeeded) > 1 and succeeded["lr"].nunique() > 1:
+                    drawn["hyperparameters.png"] = plots.hyperparameter_chart(succeeded, rank_by)
+            return drawn
+
+        self._record_figures(parent_run_id, figures, folder="")
         stamp = int(self.client.get_run(parent_run_id).info.start_time)
         summary_metrics = [
             Metric("configurations", float(len(table)), stamp, 0),
@@ -457,6 +477,20 @@ class Tracker:
             with plots.LOCK:
                 self.log_figures(parent_run_id, plots.diagnostic_plots(sample, curves, "families compared"))
         return summary
+
+    def _record_figures(self, run_id: str, draw: Callable[[], Mapping[str, Any]], folder: str = "plots") -> None:
+        """The figures `draw` returns, logged now or, where the command defers them, once it has
+        answered (nllflow.tracking.deferred)."""
+        if not deferred.deferring():
+            self.log_figures(run_id, draw(), folder)
+            return
+
+        def job() -> None:
+            self.log_figures(run_id, draw(), folder)
+            self.client.delete_tag(run_id, PLOTS_PENDING_TAG)
+
+        self.client.set_tag(run_id, PLOTS_PENDING_TAG, "true")
+        deferred.later(job)
 
     def log_figures(self, run_id: str, figures: Mapping[str, Any], folder: str = "plots") -> None:
         """Matplotlib figures as PNG artifacts under `folder` (the figures are closed)."""
@@ -731,8 +765,7 @@ def _write_fit_artifacts(
     result: FitResult,
     evaluation: Evaluation | None,
 ) -> None:
-    from nllflow.evaluation import plots
-
+    """Every artifact of a fit but its figures (`Tracker._record_figures`)."""
     trace = result.trace
     if len(result.step_times) == len(trace):
         trace = trace.assign(time=result.step_times)
@@ -753,8 +786,3 @@ def _write_fit_artifacts(
         from nllflow.tracking.models import ARTIFACT_PATH, save_pyfunc
 
         save_pyfunc(FittedModel.of(result, spec.data.column or ""), data.train.covariates, folder / ARTIFACT_PATH)
-    if not spec.record_plots:
-        return
-    with plots.LOCK:
-        figures = plots.fit_figures(spec.label(), data.train, problem.family, result, evaluation)
-        plots.save_figures(folder / "plots", figures)

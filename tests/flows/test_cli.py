@@ -69,6 +69,37 @@ def test_fit_json_matches_the_closed_form_lognormal_mle(tracker, capsys):
     assert tracker.client.get_run(result["run_id"]).info.status == "FINISHED"
 
 
+def test_a_commands_plots_come_after_its_answer_and_match_the_ones_drawn_at_once(tracker, capsys):
+    """`main` answers with a complete run, then renders its figures (nllflow.tracking.deferred):
+    until then the run is tagged pending and has none; after, the same files as the API's own
+    figures of the same fit, and the tag is gone."""
+    from nllflow.flows.cli import run_in_process
+    from nllflow.tracking import deferred
+    from nllflow.tracking.recorder import PLOTS_PENDING_TAG
+
+    arguments = ["fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "gamma", "--json"]
+    deferred.start()
+    try:
+        assert run_in_process([*arguments, "--experiment", "cli-deferred"]) == 0
+        run_id = last_json(capsys.readouterr().out)["run_id"]
+        answered = tracker.client.get_run(run_id)
+        assert answered.info.status == "FINISHED" and answered.data.tags[PLOTS_PENDING_TAG] == "true"
+        assert answered.data.metrics["nll"] > 0 and tracker.client.list_artifacts(run_id, "plots") == []
+    finally:
+        assert deferred.run_deferred() == []
+    assert PLOTS_PENDING_TAG not in tracker.client.get_run(run_id).data.tags
+    drawn = {Path(a.path).name for a in tracker.client.list_artifacts(run_id, "plots")}
+
+    import nllflow
+
+    fitted = nllflow.fit(pd.read_parquet(GROUNDBEEF)["serving"], "gamma")
+    assert drawn == set(fitted.plot()) == {"loss.png", "density.png", "cdf.png", "pp.png", "qq.png"}
+    # `main` renders them before it returns
+    assert main([*arguments, "--experiment", "cli-at-once"]) == 0
+    at_once = last_json(capsys.readouterr().out)["run_id"]
+    assert {Path(a.path).name for a in tracker.client.list_artifacts(at_once, "plots")} == drawn
+
+
 def test_fit_with_a_fixed_parameter(tracker, capsys):
     code = main(
         [
