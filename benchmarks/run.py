@@ -603,10 +603,31 @@ def _checked(done: subprocess.CompletedProcess, what: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _runner_idle(home: str, timeout_s: float = 120) -> None:
+    """Until the warm runner of `home` has no child left: the last command's figures, rendered
+    after its answer, are logged (the idle time a user leaves between commands)."""
+    try:
+        runner = json.loads((Path(home) / "server" / "runner.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                children.append(int(stat.read_text().rsplit(")", 1)[1].split()[1]) == runner)
+            except (OSError, IndexError, ValueError):
+                continue
+        if not any(children):
+            return
+        time.sleep(0.2)
+
+
 def end_to_end(repeats: int) -> list[dict[str, Any]]:
     """`nllflow fit` on the groundbeef file as a user runs it, in a fresh nllflow home: the first
     command ever (it creates the stores and starts the background server), warm (the server and
-    its warm runner running; and in a process of its own, NLLFLOW_WARM=0), cold (the server
+    its warm runner running, each command after the last one's figures are logged; and in a process
+    of its own, NLLFLOW_WARM=0), cold (the server
     stopped, the home in place); `nllflow run` of the demo spec on the
     warm server (its flow body); the whole process of `python -c` with scipy.stats.gamma.fit on the
     same file. The server is stopped at the end by PID, also when a command fails."""
@@ -636,13 +657,16 @@ def end_to_end(repeats: int) -> list[dict[str, Any]]:
             )
             warm = []
             for _ in range(repeats):
+                _runner_idle(home)
                 seconds, done = _run(fit, env)
                 warm.append((seconds, _checked(done, "nllflow fit (warm)")["timings"]))
+            _runner_idle(home)
             warm_s = float(np.median([w for w, _ in warm]))
             own_process_s = float(np.median([_run(fit, {**env, "NLLFLOW_WARM": "0"})[0] for _ in range(repeats)]))
             body_s = float(np.median([t["total"] for _, t in warm]))
             sweep_wall, done = _run([cli, "run", str(DEMO_SPEC), "--json"], env)
             sweep_body = _checked(done, "nllflow run")["timings"]["total"]
+            _runner_idle(home)
             _run([cli, "server", "stop"], env)
             cold_s, done = _run(fit, env)
             _checked(done, "nllflow fit (cold)")

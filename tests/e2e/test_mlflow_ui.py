@@ -76,9 +76,12 @@ def demo(tmp_path_factory):
         MLFLOW_TRACKING_URI=uri,
         PREFECT_HOME=str(home / "prefect"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # the command's own process, as a first `make demo`; a warm runner would only load the suite
+        NLLFLOW_WARM="0",
     )
+    nllflow = str(Path(sys.executable).with_name("nllflow"))
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("nllflow")), "run", str(DEMO.relative_to(ROOT)), "--json"],
+        [nllflow, "run", str(DEMO.relative_to(ROOT)), "--json"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -93,6 +96,8 @@ def demo(tmp_path_factory):
         pytest.fail(f"the demo sweep did not finish within {DEMO_TIMEOUT_SECONDS} s")
     finally:
         _stop(process)
+        # the background Prefect server the command started (a session of its own), by its PID
+        subprocess.run([nllflow, "server", "stop"], env=env, capture_output=True, timeout=120)
     assert process.returncode == 0, err[-4000:]
     return json.loads(out.strip().splitlines()[-1]), uri
 
