@@ -130,8 +130,8 @@ class Tracker:
 
     def run_for(
         self, experiment: str, key: str, run_name: str, tags: Mapping[str, str], parent: str | None = None
-    ) -> tuple[str, str]:
-        """The run with idempotency key `key` (id and status), created when there is none.
+    ) -> Any:
+        """The run with idempotency key `key` (MLflow's `Run`, with its data), created when there is none.
 
         Finding and creating are two requests, so two runs can get the key: a create request that
         the server carried out but whose answer was lost (the client retries it), or the same
@@ -149,7 +149,7 @@ class Tracker:
         survivor, *duplicates = sorted(found, key=lambda run: run.info.run_id)
         for duplicate in duplicates:
             self.client.delete_run(duplicate.info.run_id)
-        return survivor.info.run_id, survivor.info.status
+        return survivor
 
     def _runs_with_key(self, experiment_id: str, key: str) -> list:
         return self.client.search_runs(
@@ -170,9 +170,9 @@ class Tracker:
     ) -> str:
         """One run for one fit; FAILED (with the reason) when the fit diverged."""
         run_tags = {"spec": spec.name, "mlflow.source.name": "nllflow fit", **(tags or {})}
-        run_id, status = self.run_for(spec.name, key, spec.label(), run_tags, parent_run_id)
-        run = self.client.get_run(run_id)
-        if status in ("FINISHED", "FAILED") and run.data.tags.get("nllflow.complete") == "true":
+        run = self.run_for(spec.name, key, spec.label(), run_tags, parent_run_id)
+        run_id = run.info.run_id
+        if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("nllflow.complete") == "true":
             return run_id
         from mlflow.entities import Param, RunTag
 
@@ -214,9 +214,9 @@ class Tracker:
         """The run of a configuration that could not be fitted or recorded: its reason, no results
         (the same run a partial recording of it left, if any)."""
 
-        run_id, _ = self.run_for(
+        run_id = self.run_for(
             spec.name, key, spec.label(), {"spec": spec.name, "mlflow.source.name": "nllflow fit"}, parent_run_id
-        )
+        ).info.run_id
         self._log_new_params(run_id, {k: _param(v) for k, v in _spec_params(spec).items()})
         self.client.set_tag(run_id, "reason", reason)
         self.client.set_tag(run_id, "outcome", "failed")
@@ -269,7 +269,7 @@ class Tracker:
         """A parent run (a sweep, a comparison) with its settings as JSON params; children name it
         in their `mlflow.parentRunId` tag."""
 
-        run_id, _ = self.run_for(experiment, key, run_name, {"spec": experiment, **tags})
+        run_id = self.run_for(experiment, key, run_name, {"spec": experiment, **tags}).info.run_id
         self._log_new_params(run_id, {k: json.dumps(v) for k, v in params.items() if v})
         return run_id
 

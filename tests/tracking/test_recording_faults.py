@@ -135,7 +135,7 @@ def test_a_configuration_fitted_again_completes_its_half_written_run_without_dou
     spec = _sweep_spec("faults-fitted-again").configurations()[0]
     first = run_core(spec)
     key = run_key("a parent run", spec.label())
-    run_id, _ = tracker.run_for(spec.name, key, spec.label(), {}, None)
+    run_id = tracker.run_for(spec.name, key, spec.label(), {}, None).info.run_id
     half = _trace_metrics(first[2], int(first[2].started_at * 1000))
     tracker._log_metrics(run_id, half[: len(half) // 2])  # the attempt killed while it recorded
     again = run_core(spec)
