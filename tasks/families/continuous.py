@@ -39,8 +39,20 @@ def _floor(data: ExactData) -> Tensor:
     return 1e-12 * torch.maximum(data.min.abs(), data.max.abs())
 
 
+def _floored(data: ExactData, scale: Tensor) -> Tensor:
+    """`scale` clamped to `_floor(data)`, without the data's range (a pass over the data) where the
+    floor cannot bind: without weights max|x| <= |mean| + √m2 (one squared deviation is at most
+    their sum), so a scale of twice 1e-12 times that, rounding included, is above the floor. For
+    start rules that read the x moments anyway."""
+    if data.weights is None:
+        x = data.moments("x")
+        if bool((scale >= 2e-12 * (x.mean.abs() + x.m2.sqrt()).amax()).all()):
+            return scale
+    return scale.clamp_min(_floor(data))
+
+
 def _spread(data: ExactData) -> Tensor:
-    return data.moments("x").std.clamp_min(_floor(data))
+    return _floored(data, data.moments("x").std)
 
 
 def _log_spread(logs: Moments) -> Tensor:
@@ -146,7 +158,7 @@ def _halfnormal_tails(dist: D.HalfNormal, x: Tensor) -> tuple[Tensor, Tensor]:
 )
 def _halfnormal_start(data: ExactData) -> dict[str, Tensor]:
     m = data.moments("x")
-    return {"scale": (m.squares_about(torch.zeros_like(m.shift)) / m.total).sqrt().clamp_min(_floor(data))}
+    return {"scale": _floored(data, (m.squares_about(torch.zeros_like(m.shift)) / m.total).sqrt())}
 
 
 # --- the real line -------------------------------------------------------------------------------

@@ -157,12 +157,15 @@ def minimise(
     """Run the loop until every row has ended; one `RowRun` per row. Step times count from
     `started` (a `time.perf_counter()` value; now by default)."""
     count = problem.rows
-    active = torch.ones(count, dtype=torch.bool)
+    # the loop's bookkeeping is per row and in Python: reading a 0-d tensor element costs
+    # microseconds, and a fit that converges at its start does little else
+    active = [True] * count
     outcomes: list[tuple[Outcome, str] | None] = [None] * count
     traces: list[list[Tensor]] = [[] for _ in range(count)]
     times: list[list[float]] = [[] for _ in range(count)]
     good_mean = [math.nan] * count
-    previous = torch.full((count,), math.nan, dtype=torch.float64)
+    previous = [math.nan] * count
+    gtol, ftol, max_steps = settings.gtol.tolist(), settings.ftol.tolist(), settings.max_steps.tolist()
     snapshot = _Snapshot(problem)
     started = time.perf_counter() if started is None else started
 
@@ -173,62 +176,60 @@ def minimise(
             if outcome in (Outcome.DIVERGED, Outcome.FAILED):
                 snapshot.restore(row)
 
-    for step in range(int(settings.max_steps.max()) + 1):
+    for step in range(max(max_steps) + 1):
         shown = first_step + step
         current = _evaluate_active(problem, active, shown, end, trace)
         if current is None:
             break
-        mean = current.mean_nll.double().cpu()
-        weights = problem.row_weight(current.rows).double().cpu()
-        finite = torch.isfinite(mean) & current.finite.cpu()
-        negative = finite & (mean < 0) if problem.discrete else torch.zeros_like(finite)
+        mean = current.mean_nll.double().cpu().tolist()
+        finite = current.finite.cpu().tolist()
         now = time.perf_counter() - started
         kept = []
         for i, row in enumerate(current.rows.tolist()):
-            if not bool(finite[i]) or bool(negative[i]):
+            usable = math.isfinite(mean[i]) and finite[i]
+            negative = usable and problem.discrete and mean[i] < 0
+            if not usable or negative:
                 # a pmf is at most 1: a negative NLL of a discrete family is log_prob's rounding
                 # (a negative binomial's total_count run off to 1e15), not a better fit
-                message = f"diverged: NLL became {float(mean[i] * weights[i])} at step {shown}"
-                if bool(negative[i]):
+                weight = float(problem.row_weight(current.rows[i : i + 1])[0])
+                message = f"diverged: NLL became {mean[i] * weight} at step {shown}"
+                if negative:
                     message += " (below 0, impossible for a discrete family: its log_prob lost precision)"
                 end(row, Outcome.DIVERGED, message)
                 continue
-            kept.append(i)
+            kept.append((i, row))
             if trace:
                 traces[row].append(current.columns[i].detach())
                 times[row].append(now)
-            good_mean[row] = float(mean[i])
+            good_mean[row] = mean[i]
             snapshot.take(row)
         if not kept:
-            if not bool(active.any()):
+            if not any(active):
                 break
             continue
-        rows = current.rows[kept]
         if progress is not None:
-            progress(shown, float(mean[kept].min()))
+            progress(shown, min(mean[i] for i, _ in kept))
         if problem.nothing_to_optimise():
-            for row in rows.tolist():
+            for _, row in kept:
                 end(row, Outcome.FIXED, "all parameters fixed or held")
             break
-        gradient = current.max_gradient.double().cpu()
-        for i in kept:
-            row = int(current.rows[i])
-            change = abs(float(previous[row]) - float(mean[i]))
-            ftol = float(settings.ftol[row])
-            if float(gradient[i]) <= float(settings.gtol[row]):
-                end(row, Outcome.GRADIENT, f"gradient below gtol={float(settings.gtol[row]):g}")
-            elif ftol > 0 and change <= ftol * max(abs(float(mean[i])), 1.0):
-                end(row, Outcome.CHANGE, f"relative change below ftol={ftol:g}")
-            elif step >= int(settings.max_steps[row]):
+        gradient = current.max_gradient.double().cpu().tolist()
+        for i, row in kept:
+            change = abs(previous[row] - mean[i])
+            if gradient[i] <= gtol[row]:
+                end(row, Outcome.GRADIENT, f"gradient below gtol={gtol[row]:g}")
+            elif ftol[row] > 0 and change <= ftol[row] * max(abs(mean[i]), 1.0):
+                end(row, Outcome.CHANGE, f"relative change below ftol={ftol[row]:g}")
+            elif step >= max_steps[row]:
                 end(row, Outcome.MAX_STEPS, "max steps reached")
             previous[row] = mean[i]
-        moving = rows[active[rows]]
-        if not len(moving):
-            if not bool(active.any()):
+        moving = [row for _, row in kept if active[row]]
+        if not moving:
+            if not any(active):
                 break
             continue
         try:
-            ended = rule.step(problem, current, moving, shown)
+            ended = rule.step(problem, current, torch.tensor(moving), shown)
         except ValueError as error:
             if problem.rows != 1:
                 raise
@@ -242,13 +243,13 @@ def minimise(
 
 
 def _evaluate_active(
-    problem: Problem, active: Tensor, step: int, end: Callable[[int, Outcome, str], None], trace: bool
+    problem: Problem, active: list[bool], step: int, end: Callable[[int, Outcome, str], None], trace: bool
 ) -> StepValues | None:
     """The active rows' evaluation. Some torch families refuse non-finite parameters with a
     ValueError for the whole batch (StudentT's inner Chi2): each active row that is refused on its
     own ends as diverged and goes back to its last good point, and the rest are evaluated again."""
-    while bool(active.any()):
-        rows = active.nonzero().flatten()
+    while any(active):
+        rows = torch.tensor([row for row, on in enumerate(active) if on])
         try:
             return problem.evaluate(rows, trace=trace)
         except ValueError as error:

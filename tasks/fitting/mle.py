@@ -299,7 +299,8 @@ def _result(model: ConstantModel, settings: FitSettings, run: _Run, started_at: 
     for name in model.family.params:
         params.update(zip(model.labels([name]), run.natural[name].reshape(-1).double().cpu().tolist(), strict=True))
     fixed = {label: params[label] for label in model.labels(list(model.fixed))}
-    last = trace.iloc[-1]
+    # the last step from the array, not the frame: DataFrame.iloc builds a Series (tens of µs)
+    nll, mean_nll, grad_norm = table[-1, :3].tolist()
     return FitResult(
         family=model.family.name,
         params=params,
@@ -309,10 +310,10 @@ def _result(model: ConstantModel, settings: FitSettings, run: _Run, started_at: 
         natural=run.natural,
         outcome=run.run.outcome,
         reason=run.run.message,
-        steps=len(trace) - 1,
-        nll=float(last["nll"]),
-        mean_nll=float(last["mean_nll"]),
-        grad_norm=float(last["grad_norm"]),
+        steps=len(table) - 1,
+        nll=nll,
+        mean_nll=mean_nll,
+        grad_norm=grad_norm,
         trace=trace,
         optimizer=settings.optimizer,
         lr=settings.learning_rate,

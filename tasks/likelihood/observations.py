@@ -137,9 +137,11 @@ class Observations:
         return self._cache["stand_in"]
 
     def prepare(self, family: Family) -> None:
-        """The statistics `family` declares and the data's range, in one pass over the exact rows."""
+        """The statistics `family` declares, and the data's range where its support depends on the
+        data (`constraint_rules`), in one pass over the exact rows. Other families do not pay for the
+        range (a min and a max per chunk); a start rule that reads it has it computed then."""
         if self.n_exact:
-            self.exact.prepare(family.statistics)
+            self.exact.prepare(family.statistics, with_range=bool(family.constraint_rules))
 
     def bounds(self) -> DataBounds:
         """The range a support with data-dependent ends must cover: the exact values, the finite

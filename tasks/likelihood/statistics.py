@@ -36,10 +36,32 @@ if TYPE_CHECKING:
 CPU_CHUNK = 1 << 16
 CUDA_CHUNK = 1 << 24
 
+# the most elements an ATen elementwise kernel runs on in the calling thread (its GRAIN_SIZE):
+# a larger tensor opens an OpenMP region (see CPU_TRANSFORMS)
+SERIAL_ELEMENTS = 1 << 15
+
+
+def _in_calling_thread(function: Callable[[Tensor, Tensor], Tensor]) -> Callable[[np.ndarray], np.ndarray]:
+    """`function(x, out)`, a torch elementwise function, applied to a NumPy array in pieces of at
+    most SERIAL_ELEMENTS elements, so that no piece opens an OpenMP region."""
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        source = torch.from_numpy(x)
+        out = torch.empty(source.shape, dtype=source.dtype)
+        step = max(1, SERIAL_ELEMENTS // max(1, math.prod(x.shape[:-1])))  # along the last dimension
+        for s in range(0, x.shape[-1], step):
+            function(source[..., s : s + step], out[..., s : s + step])
+        return out.numpy()
+
+    return apply
+
+
 # the transforms whose moments are cached, on torch tensors (CUDA) and on NumPy arrays (the CPU:
-# NumPy runs in the calling thread, while each torch operation opens an OpenMP region whose barrier
-# waits for every intra-op thread; on a busy 2-core machine a descheduled thread made a 1e6-point
-# moment pass 10-50x slower with torch's 2 threads than with NumPy)
+# NumPy runs in the calling thread, while each torch operation on more than SERIAL_ELEMENTS opens an
+# OpenMP region whose barrier waits for every intra-op thread; on a busy 2-core machine a
+# descheduled thread made a 1e6-point moment pass 10-50x slower with torch's 2 threads than with
+# NumPy). Logarithms are the exception: torch's vectorised log is twice as fast as NumPy's (without
+# AVX-512), so it runs on pieces small enough to stay in the calling thread.
 TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
     "x": lambda x: x,
     "log": torch.log,
@@ -48,9 +70,9 @@ TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 CPU_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "x": lambda x: x,
-    "log": np.log,
+    "log": _in_calling_thread(lambda x, out: torch.log(x, out=out)),
     "log1m": lambda x: np.log1p(-x),
-    "lgamma1p": lambda x: torch.lgamma(torch.from_numpy(x) + 1).numpy(),
+    "lgamma1p": _in_calling_thread(lambda x, out: torch.lgamma(x + 1, out=out)),
 }
 
 
@@ -108,14 +130,15 @@ class ExactData:
             for s in range(0, self.size, step)
         ]
 
-    def prepare(self, transforms: Sequence[str]) -> None:
+    def prepare(self, transforms: Sequence[str], with_range: bool = False) -> None:
         """The weighted moments of each of `transforms` (names in TRANSFORMS) not cached yet, and
-        the data's range, in one walk over the data: a family reads them all, so a fit of a
-        family with sufficient statistics reads its data once. Each chunk's moments are taken about
-        a common shift (the first chunk's mean), then merged with the parallel update of Chan et
-        al. (stable for data far from zero). On the CPU the walk runs in NumPy (see CPU_TRANSFORMS)."""
+        the data's range if `with_range` (and not cached yet), in one walk over the data: a family
+        reads them all, so a fit of a family with sufficient statistics reads its data once. Each
+        chunk's moments are taken about a common shift (the first chunk's mean), then merged with
+        the parallel update of Chan et al. (stable for data far from zero). On the CPU the walk runs
+        in NumPy (see CPU_TRANSFORMS)."""
         wanted = [t for t in dict.fromkeys(transforms) if t not in self.cache]
-        with_range = "range" not in self.cache
+        with_range = with_range and "range" not in self.cache
         if not (wanted or with_range) or not self.size:
             return
         chunks = self.chunks()
@@ -127,33 +150,43 @@ class ExactData:
         # the shift of each transform: its first chunk's mean, so every later chunk's sums are taken
         # about a value near its own mean, where Σd² - (Σd)²/n loses no digits
         shifts: list = [None] * len(wanted)
-        # each chunk's (total, centre, m2) per transform, kept in a list of small arrays and stacked
-        # at the end (a few dozen per pass)
+        # each chunk's total weight, and per transform its Σw d and Σw d² (d = f - shift), kept in
+        # lists of small arrays; the centres and m2s follow from them after the walk, for all chunks
+        # at once (a few small operations per chunk fewer)
+        chunk_totals: list = []
         parts: list[list] = [[] for _ in wanted]
         low = high = None
+        scratch = None
         for x, w in chunks:
             if with_range:
                 low = x.min() if low is None else min(low, x.min())
                 high = x.max() if high is None else max(high, x.max())
             total = x[..., :1] * 0 + x.shape[-1] if w is None else w.sum(-1, keepdims=True)
-            safe = total + (total == 0)  # a chunk of zero weights has sums 0, not NaN
+            chunk_totals.append(total)
             for j, f in enumerate(functions):
                 fx = f(x)
                 if shifts[j] is None:
-                    shifts[j] = weighted_sum(fx, w) / safe
-                d = fx - shifts[j]  # (a new array: batched weights broadcast it to their rows)
-                centre = weighted_sum(d, w) / safe
-                d *= d
-                # (a sum of squares, not a BLAS dot: OpenBLAS threads would wait on each other too)
-                m2 = weighted_sum(d, w) - total * centre * centre
-                parts[j].append((total, centre, m2))
+                    shifts[j] = weighted_sum(fx, w) / (total + (total == 0))
+                # (a new array: batched weights broadcast it to their rows; on the CPU one scratch array
+                # for every chunk of the shape, not a fresh allocation and its page faults per chunk)
+                if cpu:
+                    shape = np.broadcast_shapes(fx.shape, shifts[j].shape)
+                    if scratch is None or scratch.shape != shape or scratch.dtype != fx.dtype:
+                        scratch = np.empty(shape, fx.dtype)
+                    d = np.subtract(fx, shifts[j], out=scratch)
+                else:
+                    d = fx - shifts[j]
+                parts[j].append((weighted_sum(d, w), weighted_squares(d, w)))
 
         def tensor(value) -> Tensor:
             return torch.as_tensor(value, dtype=self.values.dtype, device=self.values.device)
 
+        stack = np.stack if cpu else torch.stack
+        totals = tensor(stack(chunk_totals))
         for j, transform in enumerate(wanted):
-            totals, centres, m2s = (tensor(np.stack(p) if cpu else torch.stack(p)) for p in zip(*parts[j], strict=True))
-            self.cache[transform] = _merge(totals, tensor(shifts[j]), centres, m2s)
+            sums, squares = (tensor(stack(p)) for p in zip(*parts[j], strict=True))
+            centres = sums / (totals + (totals == 0))  # a chunk of zero weights has sums 0, not NaN
+            self.cache[transform] = _merge(totals, tensor(shifts[j]), centres, squares - totals * centres * centres)
         if with_range:
             self.cache["range"] = (tensor(low), tensor(high))
 
@@ -169,12 +202,12 @@ class ExactData:
 
     @property
     def min(self) -> Tensor:
-        self.prepare(())
+        self.prepare((), with_range=True)
         return self.cache["range"][0]
 
     @property
     def max(self) -> Tensor:
-        self.prepare(())
+        self.prepare((), with_range=True)
         return self.cache["range"][1]
 
 
@@ -197,6 +230,17 @@ def weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
     if t.ndim == 1:
         return (w @ t)[..., None]
     return (w * t).sum(-1, keepdims=True)
+
+
+def weighted_squares(d: Any, w: Any) -> Any:
+    """Σ w d² over the last dimension, kept as (..., 1); `d` may be overwritten. Not a BLAS dot:
+    OpenBLAS threads would wait on each other too. Without weights, NumPy's einsum reads float64 `d`
+    once and writes nothing (in float32 its running sums would lose the digits that the pairwise
+    sum keeps)."""
+    if w is None and isinstance(d, np.ndarray) and d.dtype == np.float64:
+        return np.einsum("...i,...i->...", d, d)[..., None]
+    d *= d
+    return weighted_sum(d, w)
 
 
 # (x chunk, w chunk, parameters, gradient wanted, array module) -> the chunk's sums, each (..., 1):

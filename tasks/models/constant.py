@@ -15,6 +15,7 @@ problem; the trace reports each parameter and ∂(mean NLL)/∂θ on the natural
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -96,7 +97,7 @@ class ConstantModel:
     ):
         self.family = family
         observations.prepare(family)
-        self.bounds: DataBounds = observations.bounds()
+        self._observations = observations
         self.dtype, self.device = observations.dtype, observations.device
         self.shapes = parameter_shapes(family, observations)
         fixed, init = dict(fixed or {}), dict(init or {})
@@ -143,7 +144,15 @@ class ConstantModel:
         value = float(torch.as_tensor(scale).reshape(-1)[0]) if scale is not None else 1.0
         return value if math.isfinite(value) and value > 0 else 1.0
 
+    @functools.cached_property
+    def bounds(self) -> DataBounds:
+        """The data's range, read on first use: a family whose support does not depend on the data
+        never needs it (it is a min and a max over every observation)."""
+        return self._observations.bounds()
+
     def constraint(self, name: str, known: Mapping[str, Tensor]) -> Constraint:
+        if name not in self.family.constraint_rules:
+            return self.family.base_constraint(name)
         return self.family.constraint(name, self.bounds, known)
 
     def tensors(self, values: Mapping[str, ParamValue | Tensor]) -> dict[str, Tensor]:
@@ -288,18 +297,21 @@ class ConstantProblem(RowProblem):
         with torch.enable_grad():
             u = self.assemble(rows)
             natural = model.natural(u)
-            leaves = {n: natural[n].detach().requires_grad_(True) for n in model.free}
-            params = {n: leaves.get(n, natural[n]) for n in self.family.params}
-            mean_nll = self.mean_nll(rows, params)
-            free_leaves = [leaves[n] for n in model.free]
-            grads = torch.autograd.grad(mean_nll.sum(), free_leaves) if free_leaves else ()
-            grad_natural = dict(zip(model.free, grads, strict=True))
-            grad_u: list[Tensor] = []
-            if model.optimised:
-                # the vector-Jacobian product as the gradient of Σ θ·g with g held (torch.autograd.grad
-                # given grad_outputs imports torch.fx and sympy on first use: most of a second)
-                pulled = sum((natural[n] * grad_natural[n]).sum() for n in model.optimised)
-                grad_u = list(torch.autograd.grad(pulled, [u[n] for n in model.optimised]))
+            if not self.family.constraint_rules:
+                # each natural value is a function of its own u alone (no constraint reads the
+                # others), so the gradient reaching it in the backward pass is the partial derivative
+                # ∂NLL/∂θ: one pass gives both it and ∂NLL/∂u
+                params = {
+                    n: natural[n].detach().requires_grad_(True) if n in model.held else natural[n]
+                    for n in self.family.params
+                }
+                mean_nll = self.mean_nll(rows, params)
+                wanted = [params[n] for n in model.free] + [u[n] for n in model.optimised]
+                grads = torch.autograd.grad(mean_nll.sum(), wanted) if wanted else ()
+                grad_natural = dict(zip(model.free, grads[: len(model.free)], strict=True))
+                grad_u = list(grads[len(model.free) :])
+            else:
+                grad_natural, grad_u, mean_nll = self._chained_gradients(rows, u, natural)
         # clone: under an identity transform (a real parameter) the natural value is the optimiser's own
         # tensor, which the next step changes in place
         natural = {n: v.detach().clone() for n, v in natural.items()}
@@ -315,6 +327,26 @@ class ConstantProblem(RowProblem):
         return StepValues(
             rows, mean_nll, max_gradient, gradients, columns, finite, {"natural": natural, "grad_natural": grad_natural}
         )
+
+    def _chained_gradients(
+        self, rows: Tensor, u: Mapping[str, Tensor], natural: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], list[Tensor], Tensor]:
+        """∂NLL/∂θ, ∂NLL/∂u and the mean NLL where constraints read other parameters (a peak
+        between its bounds): θ's partial derivatives at θ held apart from u, then the chain rule
+        through the transforms as a second pass."""
+        model = self.model
+        leaves = {n: natural[n].detach().requires_grad_(True) for n in model.free}
+        params = {n: leaves.get(n, natural[n]) for n in self.family.params}
+        mean_nll = self.mean_nll(rows, params)
+        free_leaves = [leaves[n] for n in model.free]
+        grads = torch.autograd.grad(mean_nll.sum(), free_leaves) if free_leaves else ()
+        grad_natural = dict(zip(model.free, grads, strict=True))
+        if not model.optimised:
+            return grad_natural, [], mean_nll
+        # the vector-Jacobian product as the gradient of Σ θ·g with g held (torch.autograd.grad
+        # given grad_outputs imports torch.fx and sympy on first use: most of a second)
+        pulled = sum((natural[n] * grad_natural[n]).sum() for n in model.optimised)
+        return grad_natural, list(torch.autograd.grad(pulled, [u[n] for n in model.optimised])), mean_nll
 
     def _columns(
         self, natural: Mapping[str, Tensor], grad_natural: Mapping[str, Tensor], mean_nll: Tensor, rows: Tensor

@@ -167,3 +167,19 @@ def test_statistics_are_computed_once_per_fit(monkeypatch):
     a, _, scale = stats.gamma.fit(x, floc=0)
     assert result.params["concentration"] == pytest.approx(a, rel=1e-6)
     assert result.params["rate"] == pytest.approx(1 / scale, rel=1e-6)
+
+
+def test_the_data_range_is_read_only_where_a_support_or_a_tie_needs_it():
+    """A normal fit on data with a spread never takes the data's min and max (a pass over the data);
+    a uniform's support reads them in the one statistics pass; tied data, where the scale's floor
+    binds, still get the floor that the range sets."""
+    x = torch.as_tensor(CASES["normal"].sample(5000, seed=3))
+    spread = Observations(x)
+    fit_mle(get_family("normal"), spread)
+    assert "range" not in spread.exact.cache
+    bounded = Observations(x)
+    bounded.prepare(get_family("uniform"))
+    assert bounded.exact.cache["range"] == (x.min(), x.max())
+    tied = Observations(torch.full((100,), 1e6, dtype=torch.float64))
+    assert float(get_family("normal").start(tied.exact)["scale"]) == pytest.approx(1e-12 * 1e6, rel=1e-12)
+    assert "range" in tied.exact.cache
