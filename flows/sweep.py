@@ -181,10 +181,11 @@ def _fit_on_workers(
     so `finish_sweep` lists each one that left no run under `parent` (it failed before recording,
     timed out, or logged elsewhere): none is dropped silently."""
     from prefect import get_client
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
-    from prefect.states import Cancelling
+    from prefect.states import Cancelled, Cancelling
 
     uri = tracking_uri()
     _warn_unless_server(uri, "deployment")
@@ -222,8 +223,16 @@ def _fit_on_workers(
                 time.sleep(POLL_SECONDS)
         for label, flow_run_id in pending.items():
             # a child that starts later must not record under a parent that is already finished
-            client.set_flow_run_state(
-                flow_run_id, Cancelling(message=f"sweep stopped waiting after {timeout_seconds:g} s")
-            )
+            message = f"sweep stopped waiting after {timeout_seconds:g} s"
+            state = client.read_flow_run(flow_run_id).state
+            # one that no worker has taken has nothing to stop: Cancelled at once (a final state: a
+            # worker taking it meanwhile is refused its start); else Cancelling, which its worker
+            # carries out
+            cancelled = False
+            if state is not None and state.is_scheduled():
+                result = client.set_flow_run_state(flow_run_id, Cancelled(message=message))
+                cancelled = result.status == SetStateStatus.ACCEPT
+            if not cancelled:
+                client.set_flow_run_state(flow_run_id, Cancelling(message=message))
             outcomes[label] = f"flow run {flow_run_id} did not finish within {timeout_seconds:g} s (cancelled)"
     return outcomes
