@@ -20,8 +20,8 @@ from torch import Tensor
 
 from nllflow.errors import InputError
 from nllflow.families import Family
-from nllflow.fitting.engine import Outcome, RowRules, RowSettings, StepRule, StepValues, minimise
-from nllflow.fitting.mle import FitResult, FitSettings, _result, _Run
+from nllflow.fitting.engine import Outcome, RowRules, StepRule, StepValues
+from nllflow.fitting.mle import FitResult, FitSettings, _result, _Run, optimise_rows
 from nllflow.likelihood.observations import Observations
 from nllflow.models.constant import ConstantModel, ConstantProblem, NaturalSGD, ParamValue
 
@@ -66,10 +66,7 @@ def fit_batched(
     model = ConstantModel(family, observations, fixed, init)
     problem = ConstantProblem(model, observations, rows=len(settings))
     started, started_at = time.perf_counter(), time.time()
-    limits = RowSettings.of(
-        [s.tolerances(observations.dtype) for s in settings], [s.max_steps for s in settings], torch.float64
-    )
-    runs = minimise(problem, _rule(problem, settings), limits, progress=progress, started=started)
+    runs = optimise_rows(problem, settings, progress, started=started, rule=_rule(problem, settings))
     if not any(run.trace for run in runs):
         raise InputError(
             f"the NLL of {family.name} is not finite at the start values; check the initial and fixed values"

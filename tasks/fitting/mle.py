@@ -26,6 +26,7 @@ from nllflow.fitting.engine import (
     Outcome,
     RowRun,
     RowSettings,
+    StepRule,
     Tolerances,
     TorchStep,
     minimise,
@@ -138,23 +139,20 @@ class FitResult:
 
 
 def step_rule(problem: ConstantProblem, settings: Sequence[FitSettings]):
-    """The rule that moves each row: torch's Adam or L-BFGS, the seed's SGD on the natural
-    parameters or damped Newton; a batch of Adam and SGD rows gets both, each on its own rows."""
-    from nllflow.fitting.engine import NewtonStep, RowRules
+    """The rule that moves rows of one optimiser: torch's Adam or L-BFGS, the seed's SGD on the
+    natural parameters or damped Newton (a batched sweep's mix of Adam and SGD rows has its own
+    rule, in nllflow.fitting.batched)."""
+    from nllflow.fitting.engine import NewtonStep
 
     kinds = {s.optimizer for s in settings}
     rates = [s.learning_rate for s in settings]
+    if len(kinds) != 1:
+        raise InputError(f"the rows of one problem share one optimiser, got {sorted(kinds)}")
     if kinds == {"newton"}:
         return NewtonStep(problem)
-    if "newton" in kinds:
-        raise InputError("the rows of one problem share newton with no other optimiser")
     if kinds == {"sgd"}:
         return NaturalSGD(rates)
-    if len(kinds) == 1:
-        return TorchStep(problem, settings[0].optimizer, rates)
-    sgd = torch.tensor([s.optimizer == "sgd" for s in settings])
-    adam_rates = [rate if s.optimizer == "adam" else 0.0 for s, rate in zip(settings, rates, strict=True)]
-    return RowRules([(~sgd, TorchStep(problem, "adam", adam_rates)), (sgd, NaturalSGD(rates))])
+    return TorchStep(problem, settings[0].optimizer, rates)
 
 
 def optimise_rows(
@@ -163,13 +161,14 @@ def optimise_rows(
     progress: Callable[[int, float], None] | None = None,
     first_step: int = 0,
     started: float | None = None,
+    rule: StepRule | None = None,
 ) -> list[RowRun]:
-    """Every row of `problem` with its own settings, through the one loop."""
+    """Every row of `problem` with its own settings, through the one loop; `rule` moves the rows
+    (default: `step_rule` of the settings)."""
     dtype = problem.observations.dtype
     limits = RowSettings.of([s.tolerances(dtype) for s in settings], [s.max_steps for s in settings], torch.float64)
-    return minimise(
-        problem, step_rule(problem, settings), limits, first_step=first_step, progress=progress, started=started
-    )
+    rule = rule or step_rule(problem, settings)
+    return minimise(problem, rule, limits, first_step=first_step, progress=progress, started=started)
 
 
 @dataclass
