@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -140,6 +141,22 @@ def test_family_scipy_mapping_agrees_with_ours(name):
         np.testing.assert_allclose(theirs.logpdf(x), ours.logpdf(x), rtol=1e-12)
         np.testing.assert_allclose(theirs.cdf(x), ours.cdf(x), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(theirs.mean(), ours.mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("total_count", [0.7, 99.0, 101.0, 1e4, 1e9, 1e15])
+def test_negativebinomial_log_prob_is_exact_towards_the_poisson_limit(total_count):
+    """Against mpmath at 50 digits: torch's lgamma(n + x) - lgamma(n) loses every digit at n = 1e15
+    (errors of order 1 per count), which a fit of underdispersed counts walks into."""
+    mpmath.mp.dps = 50
+    x = np.array([0.0, 1.0, 3.0, 17.0, 250.0, 4e4])
+    probs = 3.0 / (3.0 + total_count)
+    got = get_family("negativebinomial").build(*_tensors({"n": total_count, "p": probs}).values())
+    n, p = mpmath.mpf(total_count), mpmath.mpf(probs)
+    exact = [
+        mpmath.loggamma(n + k) - mpmath.loggamma(n) - mpmath.loggamma(k + 1) + n * mpmath.log1p(-p) + k * mpmath.log(p)
+        for k in x
+    ]
+    np.testing.assert_allclose(got.log_prob(torch.as_tensor(x)).numpy(), np.array(exact, dtype=float), rtol=1e-12)
 
 
 def test_categorical_build_pins_logit_zero():

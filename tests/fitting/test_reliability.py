@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from family_table import CASES, scipy_nll
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nllflow.data.samples import Sample, check_support
@@ -53,8 +53,8 @@ def assert_no_nan_presented(name: str, x: np.ndarray, result, evaluation, summar
     assert math.isfinite(result.nll) and summary["nll"] is not None
     # the trace keeps finite steps only (a gradient may overflow to ±inf: that is its true value)
     assert np.isfinite(result.trace[["nll", "mean_nll", *result.free]].to_numpy(dtype=float)).all()
-    # to 1e-5: underdispersed counts put the negative binomial's MLE at total_count → ∞, and at 1e8
-    # the lgamma differences of torch and scipy both lose ~6 digits (mpmath agrees with neither)
+    # to 1e-5: underdispersed counts put the negative binomial's MLE at total_count → ∞, where
+    # scipy's lgamma differences lose ~6 digits at 1e9 (ours use Stirling's series there)
     assert result.nll == pytest.approx(scipy_nll(CASES[name], result.params, x), rel=1e-5, abs=1e-8)
     if result.diverged:  # a failed fit: its reason says so, and nothing is evaluated
         assert evaluation is None and not result.converged
@@ -78,6 +78,9 @@ def assert_no_nan_presented(name: str, x: np.ndarray, result, evaluation, summar
     seed=st.integers(0, 2**32 - 1),
     ties=st.floats(0.0, 0.9),
 )
+# underdispersed counts: total_count runs towards the Poisson limit, where torch's own log_prob
+# (lgamma(n + x) - lgamma(n) at n = 1e15) returned noise the optimiser took for a better fit
+@example(name="negativebinomial", n=28, seed=115499, ties=0.6875)
 def test_random_samples_of_every_family_fit_or_are_refused(name, n, seed, ties):
     x = CASES[name].sample(n, seed)
     x[: int(ties * n)] = x[-1]  # a share of the sample tied on one value (all of it: constant data)
