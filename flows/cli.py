@@ -4,19 +4,25 @@ and a SQLite MLflow store in nllflow's home; no server to start by hand).
 
 Exit codes: 0 fitted, 1 diverged or failed, 2 bad input. Errors are one line; --debug shows the
 traceback. Prefect and MLflow are imported only once the input has been checked, so bad input is
-refused in about a second.
+refused in about a second (a server that a refused command started meanwhile is stopped again).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import math
+import os
+import signal
 import sys
 from typing import Any, Iterator, Sequence, TextIO
 
 from nllflow.errors import InputError
+
+# the commands that run Prefect flows (on the server of nllflow.flows.server)
+FLOW_COMMANDS = frozenset({"fit", "run", "compare"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -460,35 +466,109 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = delegate(sys.argv[1:])
         if code is not None:
             return code
-    with plots_after_the_answer(sys.stderr):
-        return run_in_process(sys.argv[1:] if argv is None else argv)
+    command_line = argv is None
+    if command_line:
+        atexit.register(_end_without_teardown)  # registered first: the last exit handler to run
+    with plots_after_the_answer(sys.stderr, after_exit=command_line):
+        code = run_in_process(sys.argv[1:] if command_line else argv, claim_early=command_line)
+    if command_line:
+        _exit_status.append(code)
+    return code
+
+
+_exit_status: list[int] = []
+
+
+def _end_without_teardown() -> None:
+    """A command's process ends here once its answer is out and every other exit handler has run
+    (Prefect's and MLflow's flushes): Python's teardown of the modules a command imported (torch,
+    MLflow, Prefect, pandas) takes two seconds of CPU and does nothing a command needs (its files
+    are closed, its database transactions committed)."""
+    if not _exit_status:
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(_exit_status[0])
 
 
 @contextlib.contextmanager
-def plots_after_the_answer(errors: TextIO) -> Iterator[None]:
+def plots_after_the_answer(errors: TextIO, after_exit: bool = False) -> Iterator[None]:
     """The fits' figures rendered and logged when the command has answered
-    (nllflow.tracking.deferred), a line on `errors` for a run whose figures could not be."""
+    (nllflow.tracking.deferred), a line on `errors` for a run whose figures could not be. With
+    `after_exit`, in a child process after the command has exited (`_render_after_exit`)."""
     from nllflow.tracking import deferred
 
     deferred.start()
     try:
         yield
     finally:
-        _render_deferred_plots(errors)
+        if not (after_exit and deferred.pending() and _render_after_exit()):
+            _render_deferred_plots(errors)
+
+
+# a renderer still busy after this long is stuck: it ends, its runs stay tagged pending
+RENDER_SECONDS = 600
+
+
+def _render_after_exit() -> bool:
+    """Fork: this process goes on to exit with the command's status, and the child renders the
+    figures (a shell's prompt, or a caller reading the output to its end, does not wait for them).
+    The child lets go of the command's streams (a failure is appended to plots.log in nllflow's
+    home) and uses one intra-op thread (OpenMP's pool does not survive a fork). True in the
+    parent; the child never returns."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if os.fork() != 0:
+        return True
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        os.close(null)
+        signal.alarm(RENDER_SECONDS)
+        import torch
+
+        from nllflow.tracking.deferred import run_deferred
+        from nllflow.tracking.store import nllflow_home
+
+        torch.set_num_threads(1)
+        failures = run_deferred()
+        if failures:
+            with open(nllflow_home() / "plots.log", "a") as log:
+                _warn_unrecorded(failures, log)
+    finally:
+        os._exit(0)
 
 
 def _render_deferred_plots(errors: TextIO) -> None:
     from nllflow.tracking.deferred import run_deferred
 
-    for failure in run_deferred():
+    _warn_unrecorded(run_deferred(), errors)
+
+
+def _warn_unrecorded(failures: Sequence[str], errors: TextIO) -> None:
+    for failure in failures:
         print(f"nllflow: warning: a run's plots were not recorded: {failure}", file=errors, flush=True)
 
 
-def run_in_process(argv: Sequence[str]) -> int:
+def run_in_process(argv: Sequence[str], claim_early: bool = False) -> int:
+    """The command `argv` here; with `claim_early`, a command that runs flows claims its Prefect
+    server before its imports and input checks (nllflow.flows.server.claim_early)."""
     argv = list(argv)
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        if claim_early and args.command in FLOW_COMMANDS:
+            from nllflow.flows import server
+
+            server.claim_early()
+            try:
+                return args.handler(args)
+            finally:
+                server.release_early()
         return args.handler(args)
     except InputError as error:
         if debug:

@@ -118,6 +118,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# the supervisors this process started, by PID: reaped here when this process stops one
+_spawned: dict[int, subprocess.Popen] = {}
+
+
 def _spawn() -> dict[str, Any]:
     """Start the supervisor (and through it the Prefect server) in a session of its own; its state."""
     folder = server_dir()
@@ -135,6 +139,7 @@ def _spawn() -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    _spawned[process.pid] = process
     state = {
         "pid": process.pid,
         "port": port,
@@ -151,6 +156,15 @@ def _spawn() -> dict[str, Any]:
 
 
 def _stop_group(state: dict[str, Any]) -> None:
+    child = _spawned.pop(state["pid"], None)
+    if child is not None and child.poll() is None:
+        # this process's own child: reaped here, else it stays a zombie that still "runs"
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=STARTUP_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
     if running(state):
         end_group(state["pid"], "the nllflow Prefect server")
 
@@ -169,8 +183,10 @@ class Lease:
     answers, points Prefect at it (environment and, where Prefect is imported, its settings) and
     records the use when it ends."""
 
-    def __init__(self, url: str, origin: str, state: dict[str, Any] | None = None, lock: Any = None):
-        self.url, self.origin, self.state, self._lock = url, origin, state, lock
+    def __init__(
+        self, url: str, origin: str, state: dict[str, Any] | None = None, lock: Any = None, spawned: bool = False
+    ):
+        self.url, self.origin, self.state, self._lock, self.spawned = url, origin, state, lock, spawned
         self._stack = ExitStack()
 
     def wait(self) -> None:
@@ -268,10 +284,59 @@ def check_access(url: str) -> None:
         return
 
 
+# the lease a command took before its imports (claim_early), until claim_server hands it over
+_early: Lease | None = None
+
+
+def claim_early() -> None:
+    """Claim the server first thing in a command that runs flows, so that a server it has to start
+    starts while the command imports torch and checks its input (two seconds here) instead of
+    after; `claim_server` hands the lease over, and `release_early` undoes it for a command that
+    ends before its flow."""
+    global _early
+    if _early is None:
+        _early = claim_server()
+
+
+def release_early() -> None:
+    """A command that claimed early and ends without a flow (its input refused, interrupted):
+    the lease is let go, and a server it started for nothing is stopped again unless another
+    command uses it by now."""
+    global _early
+    lease, _early = _early, None
+    if lease is None:
+        return
+    lease.close()
+    if lease.spawned:
+        _stop_unless_used(lease.state)
+
+
+def _stop_unless_used(state: dict[str, Any]) -> None:
+    with _lock("start.lock", fcntl.LOCK_EX):
+        handle = open(server_dir() / "use.lock", "a")
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another command started meanwhile and uses it
+                return
+            _stop_group(state)
+            _forget(state)
+
+
 def claim_server() -> Lease:
     """The server to use (see the module's docstring), started in the background when there is
     none; it may still be starting: the Lease waits for it when entered, so the caller's imports
     overlap the start."""
+    global _early
+    if _early is not None:
+        lease, _early = _early, None
+        configured = _configured_url()
+        if not configured or lease.origin == "environment":
+            return lease
+        # Prefect, imported since, reads a server from the user's profile: that one, not ours
+        _early = lease
+        release_early()
+        return Lease(configured, "environment")
     configured = _configured_url()
     if configured:
         return Lease(configured, "environment")
@@ -290,13 +355,14 @@ def claim_server() -> Lease:
                     _stop_group(state)
                     _forget(state)
                     state = None
-            if state is None:
+            spawned = state is None
+            if spawned:
                 state = _spawn()
             _touch_last_used()
     except BaseException:
         use.close()
         raise
-    return Lease(state["api_url"], "nllflow", state, use)
+    return Lease(state["api_url"], "nllflow", state, use, spawned)
 
 
 def stop() -> dict[str, Any] | None:

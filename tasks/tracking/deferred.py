@@ -3,7 +3,8 @@
 Rendering a fit's five figures is most of a small fit's recording (over a second here), and a
 user waits for the estimates, not the PNGs. Where the CLI says so (`start`), the recorder ends a
 run without its figures, tagged as pending, and queues them here; the CLI renders and logs them
-once it has printed its answer (the warm runner's child once the command has its exit status).
+once it has printed its answer (the warm runner's child once the command has its exit status; a
+command in its own process forks a child for them and exits).
 A process that is killed first leaves the runs tagged: the figures are late, never silently
 dropped. Without it (the API, a Prefect worker, a Dask worker) figures are logged at once.
 """
@@ -27,6 +28,11 @@ def start() -> None:
 
 def deferring() -> bool:
     return _queue is not None
+
+
+def pending() -> bool:
+    """Whether jobs wait for `run_deferred`."""
+    return bool(_queue)
 
 
 def later(job: Callable[[], None]) -> None:

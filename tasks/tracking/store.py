@@ -10,6 +10,7 @@ import os
 import socket
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
 from nllflow.errors import InputError
@@ -50,6 +51,24 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 _opened_stores: set[str] = set()
+# the SQLAlchemy engines of this process's SQL stores: a forked child (a command's figure renderer)
+# must open connections of its own, never use the parent's (SQLAlchemy's rule for fork)
+_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+def _new_connections_in_a_child() -> None:
+    for engine in list(_engines):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_new_connections_in_a_child)
+
+
+def _remember_engine(client):
+    engine = getattr(client._tracking_client.store, "engine", None)
+    if engine is not None:
+        _engines.add(engine)
+    return client
 
 
 def open_client(uri: str):
@@ -60,14 +79,14 @@ def open_client(uri: str):
 
     path = sqlite_path(uri)
     if path is None or uri in _opened_stores:
-        return MlflowClient(uri)
+        return _remember_engine(MlflowClient(uri))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # the schema is created and migrated here
     _opened_stores.add(uri)
-    return client
+    return _remember_engine(client)
 
 
 def _credentials_header() -> dict[str, str]:

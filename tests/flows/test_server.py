@@ -202,6 +202,53 @@ def test_ctrl_c_reaches_the_warm_runners_child(env, home):
     assert not _alive(child)
 
 
+def _processes_of(home: Path) -> list[int]:
+    """The live processes whose environment names `home` as NLLFLOW_HOME (a supervisor, its server)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"NLLFLOW_HOME={home}".encode() in variables and _alive(int(environ.parent.name)):
+            pids.append(int(environ.parent.name))
+    return pids
+
+
+def test_a_refused_command_leaves_no_server_behind(env, tmp_path):
+    """The command claims its server before it checks its input (the start overlaps its imports):
+    refused, it stops the server it started again."""
+    fresh = {**env, "NLLFLOW_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    refused = _nllflow(fresh, "fit", "--data", str(GROUNDBEEF), "--column", "serving", "--family", "nope")
+    assert refused.returncode == 2 and "unknown family 'nope'" in refused.stderr
+    assert (tmp_path / "server" / "server.log").exists()  # it did start one
+    assert _state(tmp_path) is None and _processes_of(tmp_path) == []
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_a_command_in_its_own_process_exits_and_its_figures_follow(env, home):
+    """NLLFLOW_WARM=0: the command prints its answer and exits; a child it forked renders and logs
+    the run's five figures and removes the pending tag."""
+    from mlflow import MlflowClient
+
+    from nllflow.tracking.recorder import PLOTS_PENDING_TAG
+
+    folder, seen = home
+    result = _fit({**env, "NLLFLOW_WARM": "0"})
+    seen.add(_state(folder)["pid"])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    deadline = time.monotonic() + 120
+    while PLOTS_PENDING_TAG in client.get_run(result["run_id"]).data.tags and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run = client.get_run(result["run_id"])
+    assert PLOTS_PENDING_TAG not in run.data.tags and run.info.status == "FINISHED"
+    plots = {Path(a.path).name for a in client.list_artifacts(result["run_id"], "plots")}
+    assert plots == {"loss.png", "density.png", "cdf.png", "pp.png", "qq.png"}
+    local = Path(client.download_artifacts(result["run_id"], "plots/qq.png", str(folder / "downloaded")))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (folder / "plots.log").exists()  # no failure recorded
+
+
 def test_a_stale_state_file_is_replaced(env, home):
     folder, seen = home
     claim = (
