@@ -10,6 +10,10 @@ Which server a command uses, first found first:
    port, in a session of its own (detached from the terminal), under a small supervisor process
    that stops it after `NLLFLOW_SERVER_IDLE_MINUTES` (default 30) without a command using it.
 
+A command claims its server first thing (`claim_early`, before it imports torch and checks its
+input), so a start overlaps both; a command that ends before its flow (its input refused) stops a
+server it started for it, unless another command uses it by then (`release_early`).
+
 Commands that start at once start one server: the start is under an exclusive lock
 (`start.lock`). A command holds a shared lock (`use.lock`) while it uses the server, and the
 supervisor stops the server only when it can take that lock exclusively and the last use
