@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import yaml
@@ -51,6 +51,9 @@ from nllflow.tracking.store import (
     process_exists,
     tracking_uri,
 )
+
+if TYPE_CHECKING:  # MLflow is imported where a run is recorded, not where this module is
+    from mlflow.entities import Run
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_METRIC_ROWS_PER_INSERT = 5000
@@ -130,7 +133,7 @@ class Tracker:
 
     def run_for(
         self, experiment: str, key: str, run_name: str, tags: Mapping[str, str], parent: str | None = None
-    ) -> Any:
+    ) -> Run:
         """The run with idempotency key `key` (MLflow's `Run`, with its data), created when there is none.
 
         Finding and creating are two requests, so two runs can get the key: a create request that
@@ -151,7 +154,7 @@ class Tracker:
             self.client.delete_run(duplicate.info.run_id)
         return survivor
 
-    def _runs_with_key(self, experiment_id: str, key: str) -> list:
+    def _runs_with_key(self, experiment_id: str, key: str) -> list[Run]:
         return self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=MAX_KEYED_RUNS
         )

@@ -195,10 +195,14 @@ def test_metrics_inserted_directly_read_back_as_log_batch_writes_them(tracker):
     for key in ("loss", "grad"):
         assert history(direct, key) == history(batch, key)
     assert len(history(direct, "loss")) == len(values)
-    assert client.get_run(direct).data.metrics == client.get_run(batch).data.metrics == {
-        "loss": 1.0,
-        "grad": -1.7976931348623157e308,
-    }
+    assert (
+        client.get_run(direct).data.metrics
+        == client.get_run(batch).data.metrics
+        == {
+            "loss": 1.0,
+            "grad": -1.7976931348623157e308,
+        }
+    )
     client.delete_run(direct)
     with pytest.raises(MlflowException, match="active"):
         recorder._insert_metrics(store, direct, points)
