@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 # and a pass over 1e7 points is a few hundred operations, not thousands of Python calls
 CPU_CHUNK = 1 << 16
 CUDA_CHUNK = 1 << 24
+
+# a fused pass uses another thread for every this many chunks (see _each_chunk): a thread's start
+# and join cost tens of microseconds, a chunk's work a few hundred
+MIN_CHUNKS_PER_THREAD = 4
 
 # the most elements an ATen elementwise kernel runs on in the calling thread (its GRAIN_SIZE):
 # a larger tensor opens an OpenMP region (see CPU_TRANSFORMS)
@@ -211,6 +216,38 @@ class ExactData:
         return self.cache["range"][1]
 
 
+def _each_chunk(count: int, work: Callable[[int], None]) -> None:
+    """`work(i)` for i in range(count): with enough chunks, split into contiguous ranges over
+    torch's intra-op thread count, one of them in this thread. NumPy's kernels release the GIL, and
+    unlike an OpenMP region per operation, whose barrier waits at every operation for a thread that
+    a busy machine descheduled, the threads meet once, at the end. (The moment pass of `prepare`
+    stays in one thread: there two made the gamma and lognormal fits at 1e6 slower, its torch logs
+    in small pieces contending for the GIL.)"""
+    workers = min(torch.get_num_threads(), count // MIN_CHUNKS_PER_THREAD)
+    if workers <= 1:
+        for i in range(count):
+            work(i)
+        return
+    bounds = [count * k // workers for k in range(workers + 1)]
+    failures: list[BaseException] = []
+
+    def run(start: int, stop: int) -> None:
+        try:
+            for i in range(start, stop):
+                work(i)
+        except BaseException as error:  # raised again in the calling thread
+            failures.append(error)
+
+    helpers = [threading.Thread(target=run, args=bounds[k : k + 2], daemon=True) for k in range(1, workers)]
+    for helper in helpers:
+        helper.start()
+    run(bounds[0], bounds[1])
+    for helper in helpers:
+        helper.join()
+    if failures:
+        raise failures[0]
+
+
 def _merge(totals: Tensor, shift: Tensor, centres: Tensor, m2s: Tensor) -> Moments:
     """The chunks' moments (stacked along the first dimension) about a common shift, as one."""
     total = totals.sum(0)
@@ -263,16 +300,26 @@ class FusedPass:
         cpu = data.values.device.type == "cpu"
         xp: Any = np if cpu else torch
         given = [p.detach().numpy() if cpu else p.detach() for p in params]
-        added: list = []
-        for x, w in data.chunks(max((p.shape[:-1] for p in params), key=len)):
+        chunks = data.chunks(max((p.shape[:-1] for p in params), key=len))
+        # each chunk's sums in its own slot, added up in the chunks' order after the walk: the same
+        # totals, bit for bit, whatever the number of threads
+        parts: list = [None] * len(chunks)
+
+        def walk(i: int) -> None:
+            x, w = chunks[i]
             if cpu:  # views of the same memory
                 x, w = x.numpy(), None if w is None else w.numpy()
-            part = self.sums(x, w, given, gradient, xp)
-            if not added:
-                added = [p * 1 for p in part]  # copies, added to in place
-            else:
-                for a, b in zip(added, part, strict=True):
-                    a += b
+            parts[i] = self.sums(x, w, given, gradient, xp)
+
+        if cpu:
+            _each_chunk(len(chunks), walk)
+        else:  # CUDA kernels run asynchronously already
+            for i in range(len(chunks)):
+                walk(i)
+        added = [p * 1 for p in parts[0]]  # copies, added to in place
+        for part in parts[1:]:
+            for a, b in zip(added, part, strict=True):
+                a += b
         sums = [torch.as_tensor(a, dtype=data.values.dtype, device=data.values.device) for a in added]
         return self.finish(data, sums, params, gradient)
 

@@ -70,6 +70,44 @@ def test_total_and_gradient_equal_the_log_prob_sum(name, weighted):
         assert float(got) == pytest.approx(float(want), rel=1e-9, abs=1e-9 * len(x))
 
 
+FUSED = [name for name in FAST if isinstance(get_family(name).likelihood, fast_likelihood.FusedPass)]
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_a_fused_pass_over_two_threads_gives_the_same_totals_bit_for_bit(name, weighted, monkeypatch):
+    """20 chunks: with two intra-op threads a helper thread walks half of them; the total and the
+    gradient are those of one thread exactly, and the log_prob sum's."""
+    started = []
+
+    class Counted(fast_likelihood.threading.Thread):
+        def start(self):
+            started.append(self)
+            super().start()
+
+    monkeypatch.setattr(fast_likelihood.threading, "Thread", Counted)
+    rng = np.random.default_rng(5)
+    x = torch.as_tensor(CASES[name].sample(20_000, seed=6))
+    w = torch.as_tensor(rng.integers(0, 4, len(x)), dtype=torch.float64) if weighted else None
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            params = _params(name)
+            total = Observations(x, w).log_likelihood(get_family(name), params)
+            results.append((float(total.detach()), [float(g) for g in _gradients(total, params)]))
+    finally:
+        torch.set_num_threads(before)
+    assert len(started) == 1  # the two-thread evaluation had its helper
+    assert results[0] == results[1]
+    params = _params(name)
+    oracle = _generic(name, x, w, params)
+    assert results[1][0] == pytest.approx(float(oracle.detach()), rel=1e-12)
+    for got, want in zip(results[1][1], _gradients(oracle, params), strict=True):
+        assert got == pytest.approx(float(want), rel=1e-9, abs=1e-9 * len(x))
+
+
 @pytest.mark.parametrize("name", FAST)
 def test_batched_parameters_and_batched_weights(name):
     """A sweep's (K, 1) parameters, and a bootstrap's (B, n) weights with (B, 1) parameters: one
