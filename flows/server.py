@@ -55,6 +55,8 @@ IDLE_ENV = "NLLFLOW_SERVER_IDLE_MINUTES"
 DEFAULT_IDLE_MINUTES = 30.0
 STARTUP_SECONDS = 180.0
 POLL_SECONDS = 0.1
+# the longest the warm runner's start waits for the command that started the server
+RUNNER_WAIT_SECONDS = 30.0
 # how often the supervisor looks at the idle time, at most (and a tenth of the idle time, at least)
 CHECK_SECONDS = 30.0
 
@@ -447,10 +449,12 @@ def supervise(port: int, minutes: float) -> int:
     check = min(CHECK_SECONDS, max(0.5, minutes * 6))
     print(f"supervisor {os.getpid()}: Prefect server on port {port}, stops after {minutes:g} min idle", flush=True)
     if os.environ.get(WARM_ENV, "1") != "0":
-        # after the server answers: the runner's imports would slow the start a command waits for
+        # after the server answers and the command that started it is done with it: the runner's
+        # imports (seconds of CPU) would slow the start and the first command, which wait for them
         health = f"http://{HOST}:{port}/api/health"
         while server.poll() is None and not healthy(health):
             time.sleep(POLL_SECONDS)
+        _wait_until_unused(folder / "use.lock", RUNNER_WAIT_SECONDS)
         runner.append(
             subprocess.Popen([sys.executable, "-m", "nllflow.flows.runner"], env=os.environ, stdin=subprocess.DEVNULL)
         )
@@ -474,6 +478,19 @@ def supervise(port: int, minutes: float) -> int:
         process.terminate()
     _forget(me)
     return 0
+
+
+def _wait_until_unused(lock: Path, seconds: float) -> None:
+    """Until no command holds the use lock (or `seconds` have passed: a long sweep)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+        time.sleep(POLL_SECONDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
