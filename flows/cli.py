@@ -516,29 +516,42 @@ RENDER_SECONDS = 600
 def _render_after_exit() -> bool:
     """Fork: this process goes on to exit with the command's status, and the child renders the
     figures (a shell's prompt, or a caller reading the output to its end, does not wait for them).
-    The child lets go of the command's streams (a failure is appended to plots.log in nllflow's
-    home) and uses one intra-op thread (OpenMP's pool does not survive a fork). True in the
-    parent; the child never returns."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    if os.fork() != 0:
-        return True
+    The child lets go of the command's streams (a failure, or its traceback, is appended to
+    plots.log in nllflow's home) and uses one intra-op thread (OpenMP's pool does not survive a
+    fork). True in the parent; False, having forked nothing, where fork fails; the child never
+    returns."""
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        if os.fork() != 0:
+            return True
+    except OSError:  # no fork (or a closed pipe): the figures are rendered here, as before
+        return False
+    from nllflow.tracking.store import nllflow_home
+
     try:
         null = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(null, target)
         os.close(null)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(RENDER_SECONDS)
+        # MLflow's telemetry threads did not survive the fork, but their lock and queue did
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
         import torch
 
         from nllflow.tracking.deferred import run_deferred
-        from nllflow.tracking.store import nllflow_home
 
         torch.set_num_threads(1)
         failures = run_deferred()
         if failures:
             with open(nllflow_home() / "plots.log", "a") as log:
                 _warn_unrecorded(failures, log)
+    except BaseException:
+        import traceback
+
+        with open(nllflow_home() / "plots.log", "a") as log:
+            traceback.print_exc(file=log)
     finally:
         os._exit(0)
 

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 from nllflow.errors import InputError
 from nllflow.flows.runner import WARM_ENV
-from nllflow.flows.serve import end_group, healthy, is_running, running_prefect_api
+from nllflow.flows.serve import STOP_SECONDS, end_group, healthy, is_running, running_prefect_api
 from nllflow.tracking.store import nllflow_home
 
 HOST = "127.0.0.1"
@@ -55,6 +55,8 @@ IDLE_ENV = "NLLFLOW_SERVER_IDLE_MINUTES"
 DEFAULT_IDLE_MINUTES = 30.0
 STARTUP_SECONDS = 180.0
 POLL_SECONDS = 0.1
+# how long a refused command tries to find the server it started unused before leaving it running
+UNUSED_PROBE_SECONDS = 0.5
 # the longest the warm runner's start waits for the command that started the server
 RUNNER_WAIT_SECONDS = 30.0
 # how often the supervisor looks at the idle time, at most (and a tenth of the idle time, at least)
@@ -164,14 +166,16 @@ def _spawn() -> dict[str, Any]:
 def _stop_group(state: dict[str, Any]) -> None:
     child = _spawned.pop(state["pid"], None)
     if child is not None and child.poll() is None:
-        # this process's own child: reaped here, else it stays a zombie that still "runs"
+        # this process's own child: reaped here (else it stays a zombie that still "runs"), then
+        # the rest of its group, such as a Prefect server it had started
         os.killpg(child.pid, signal.SIGTERM)
         try:
-            child.wait(timeout=STARTUP_SECONDS)
+            child.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-    if running(state):
+        end_group(state["pid"], "the nllflow Prefect server")
+    elif running(state):
         end_group(state["pid"], "the nllflow Prefect server")
 
 
@@ -318,15 +322,19 @@ def release_early() -> None:
 
 
 def _stop_unless_used(state: dict[str, Any]) -> None:
-    with _lock("start.lock", fcntl.LOCK_EX):
-        handle = open(server_dir() / "use.lock", "a")
-        with handle:
+    with _lock("start.lock", fcntl.LOCK_EX), open(server_dir() / "use.lock", "a") as handle:
+        # the supervisor's own probe of the lock takes an instant; a command holds it for its run
+        deadline = time.monotonic() + UNUSED_PROBE_SECONDS
+        while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another command started meanwhile and uses it
-                return
-            _stop_group(state)
-            _forget(state)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:  # another command started meanwhile and uses it
+                    return
+                time.sleep(POLL_SECONDS)
+        _stop_group(state)
+        _forget(state)
 
 
 def claim_server() -> Lease:
@@ -334,6 +342,9 @@ def claim_server() -> Lease:
     none; it may still be starting: the Lease waits for it when entered, so the caller's imports
     overlap the start."""
     global _early
+    for pid, child in list(_spawned.items()):
+        if child.poll() is not None:  # a supervisor that stopped itself: reaped
+            del _spawned[pid]
     if _early is not None:
         lease, _early = _early, None
         configured = _configured_url()

@@ -373,13 +373,17 @@ def run_flow(load: Callable[[], Callable], *args: Any, **kwargs: Any) -> Any:
     from nllflow.flows.server import claim_server
 
     lease = claim_server()
-    flow = load()
-    # what every flow records with, loaded once per process while a new server starts: MLflow with
-    # its store (created or migrated here) and matplotlib
-    from nllflow.evaluation import plots  # noqa: F401
-    from nllflow.tracking.store import open_client, tracking_uri
+    try:
+        flow = load()
+        # what every flow records with, loaded once per process while a new server starts: MLflow
+        # with its store (created or migrated here) and matplotlib
+        from nllflow.evaluation import plots  # noqa: F401
+        from nllflow.tracking.store import open_client, tracking_uri
 
-    open_client(tracking_uri())
+        open_client(tracking_uri())
+    except BaseException:
+        lease.close()  # the use lock, which would keep the server from its idle stop
+        raise
     with lease:
         return flow(*args, **kwargs)
 

@@ -75,7 +75,9 @@ def log_rising_factorial(n: Tensor, x: Tensor) -> Tensor:
 
 
 class NegativeBinomial(D.NegativeBinomial):
-    """torch's negative binomial with its normalising constant kept exact at any total_count."""
+    """torch's negative binomial with its normalising constant kept exact at any total_count (its
+    log-probabilities stay exact while probs is above torch's clamp at machine epsilon: total_count
+    up to about mean / 2.2e-16)."""
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:

@@ -65,7 +65,9 @@ os.register_at_fork(after_in_child=_new_connections_in_a_child)
 
 
 def _remember_engine(client):
-    engine = getattr(client._tracking_client.store, "engine", None)
+    # (MLflow's store is not public API: a client without it has no engine to remember)
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    engine = getattr(store, "engine", None)
     if engine is not None:
         _engines.add(engine)
     return client
