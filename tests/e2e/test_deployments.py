@@ -214,6 +214,13 @@ def test_deployments_carry_pools_job_variables_and_schedules_from_prefect_yaml(s
 def test_a_child_still_pending_at_the_timeout_is_cancelled_and_listed_as_failed(stack, mlflow, tmp_path):
     spec = gamma_sweep("e2e-gamma-timeout", {"name": "adam", "max_steps": 50}, [0.05])
     spec["sweep"]["timeout_seconds"] = 0.5  # far less than a worker needs to start a flow run
+    import torch
+
+    if not torch.cuda.is_available():
+        # the GPU pool's fit deployment: the stack starts its worker only where CUDA is, so the
+        # child is still Scheduled at the timeout (the CPU pool's worker took it
+        # within 0.5 s in some runs: a Pending child, set Cancelling, which its worker then missed)
+        spec["sweep"]["deployment"] = "fit/fit-gpu"
     flow_run_id = prefect_deployment_run(stack, "sweep/lr-sweep", spec)
 
     parent, children = sweep_runs(mlflow, spec["name"], flow_run_id)
