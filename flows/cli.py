@@ -527,13 +527,11 @@ def _render_after_exit() -> bool:
             return True
     except OSError:  # no fork (or a closed pipe): the figures are rendered here, as before
         return False
+    from nllflow.flows.runner import streams_to_devnull
     from nllflow.tracking.store import nllflow_home
 
     try:
-        null = os.open(os.devnull, os.O_RDWR)
-        for target in (0, 1, 2):
-            os.dup2(null, target)
-        os.close(null)
+        streams_to_devnull()
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(RENDER_SECONDS)
         # MLflow's telemetry threads did not survive the fork, but their lock and queue did

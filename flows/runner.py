@@ -223,6 +223,12 @@ def _serve_one(connection: socket.socket, own_fingerprint: str) -> int:
 def _release_streams(connection: socket.socket) -> None:
     """Let go of the command's terminal and socket: the command has exited, this child goes on."""
     connection.close()
+    streams_to_devnull()
+
+
+def streams_to_devnull() -> None:
+    """Standard input, output and error on /dev/null: a process that outlives its command holds no
+    terminal or pipe that a caller reads to its end."""
     null = os.open(os.devnull, os.O_RDWR)
     for target in (0, 1, 2):
         os.dup2(null, target)

@@ -165,7 +165,8 @@ def _spawn() -> dict[str, Any]:
 
 def _stop_group(state: dict[str, Any]) -> None:
     child = _spawned.pop(state["pid"], None)
-    if child is not None and child.poll() is None:
+    own = child is not None and child.poll() is None
+    if own:
         # this process's own child: reaped here (else it stays a zombie that still "runs"), then
         # the rest of its group, such as a Prefect server it had started
         os.killpg(child.pid, signal.SIGTERM)
@@ -174,8 +175,7 @@ def _stop_group(state: dict[str, Any]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-        end_group(state["pid"], "the nllflow Prefect server")
-    elif running(state):
+    if own or running(state):
         end_group(state["pid"], "the nllflow Prefect server")
 
 
@@ -314,27 +314,34 @@ def release_early() -> None:
     command uses it by now."""
     global _early
     lease, _early = _early, None
-    if lease is None:
-        return
+    if lease is not None:
+        _let_go(lease)
+
+
+def _let_go(lease: Lease) -> None:
+    """Close `lease`; a server it started is stopped unless another command uses it by now (the
+    supervisor's own probe of the use lock takes an instant, a command holds it for its run)."""
     lease.close()
-    if lease.spawned:
-        _stop_unless_used(lease.state)
-
-
-def _stop_unless_used(state: dict[str, Any]) -> None:
+    if not lease.spawned:
+        return
     with _lock("start.lock", fcntl.LOCK_EX), open(server_dir() / "use.lock", "a") as handle:
-        # the supervisor's own probe of the lock takes an instant; a command holds it for its run
-        deadline = time.monotonic() + UNUSED_PROBE_SECONDS
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:  # another command started meanwhile and uses it
-                    return
-                time.sleep(POLL_SECONDS)
-        _stop_group(state)
-        _forget(state)
+        if _unused_within(handle, UNUSED_PROBE_SECONDS):
+            _stop_group(lease.state)
+            _forget(lease.state)
+
+
+def _unused_within(handle: Any, seconds: float) -> bool:
+    """Whether the use lock `handle` could be taken exclusively (no command holds it) within
+    `seconds`; it stays taken until `handle` is closed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_SECONDS)
 
 
 def claim_server() -> Lease:
@@ -348,12 +355,11 @@ def claim_server() -> Lease:
     if _early is not None:
         lease, _early = _early, None
         configured = _configured_url()
-        if not configured or lease.origin == "environment":
-            return lease
-        # Prefect, imported since, reads a server from the user's profile: that one, not ours
-        _early = lease
-        release_early()
-        return Lease(configured, "environment")
+        if configured and lease.origin != "environment":
+            # Prefect, imported since, reads a server from the user's profile: that one, not ours
+            _let_go(lease)
+            return Lease(configured, "environment")
+        return lease
     configured = _configured_url()
     if configured:
         return Lease(configured, "environment")
@@ -465,7 +471,8 @@ def supervise(port: int, minutes: float) -> int:
         health = f"http://{HOST}:{port}/api/health"
         while server.poll() is None and not healthy(health):
             time.sleep(POLL_SECONDS)
-        _wait_until_unused(folder / "use.lock", RUNNER_WAIT_SECONDS)
+        with open(folder / "use.lock", "a") as handle:  # (or a long sweep: 30 s at most)
+            _unused_within(handle, RUNNER_WAIT_SECONDS)
         runner.append(
             subprocess.Popen([sys.executable, "-m", "nllflow.flows.runner"], env=os.environ, stdin=subprocess.DEVNULL)
         )
@@ -489,19 +496,6 @@ def supervise(port: int, minutes: float) -> int:
         process.terminate()
     _forget(me)
     return 0
-
-
-def _wait_until_unused(lock: Path, seconds: float) -> None:
-    """Until no command holds the use lock (or `seconds` have passed: a long sweep)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with open(lock, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                pass
-        time.sleep(POLL_SECONDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
