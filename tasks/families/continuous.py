@@ -189,15 +189,21 @@ class StudentT(D.StudentT):
 
 def _studentt_sums(x: Tensor, w: Tensor | None, params: Sequence[Tensor], gradient: bool, xp) -> list[Tensor]:
     # with d = x - loc, c = df·scale² and r = d²/c = z²/df: the log-likelihood needs Σ log1p(r), and
-    # q = 1/(1 + r) gives all three partial derivatives (log1p keeps the digits of small r, so
-    # nearby parameters compare as finely as with torch's log_prob)
+    # q = 1/(1 + r) gives all three partial derivatives. log1p, not log(c + d²) - log c:
+    # it keeps the digits of small r, so nearby parameters compare as finely as with torch's
+    # log_prob, and a large df (1e15, where c + d² rounds to c) still sees the data. The temporaries
+    # live in the workspace (each fresh one is a pass over the chunk plus its page faults).
     df, loc, scale = params
-    d = x - loc
-    r = d * d / (df * scale**2)
+    d = xp.subtract(x, loc, out=xp.scratch(0, x, loc))
+    r = xp.multiply(d, d, out=xp.scratch(1, d))
+    r /= df * scale**2
     if not gradient:
-        return [weighted_sum(xp.log1p(r), w)]
-    q = 1 / (r + 1)
-    return [weighted_sum(xp.log1p(r), w), weighted_sum(q, w), weighted_sum(d * q, w)]
+        return [weighted_sum(xp.log1p(r, out=r), w)]
+    log_terms = weighted_sum(xp.log1p(r, out=xp.scratch(2, r)), w)
+    r += 1
+    q = xp.reciprocal(r, out=r)
+    d *= q
+    return [log_terms, weighted_sum(q, w), weighted_sum(d, w)]
 
 
 def _studentt_finish(data: ExactData, sums: list[Tensor], params: Sequence[Tensor], gradient: bool):
@@ -398,9 +404,14 @@ def _exponential_start(data: ExactData) -> dict[str, Tensor]:
 def _weibull_sums(x: Tensor, w: Tensor | None, params: Sequence[Tensor], gradient: bool, xp) -> list[Tensor]:
     # e = log(x / scale), t = (x / scale)^k = exp(k e)
     scale, concentration = params
-    e = xp.log(x) - xp.log(scale)
-    t = xp.exp(concentration * e)
-    return [weighted_sum(t, w), weighted_sum(t * e, w)] if gradient else [weighted_sum(t, w)]
+    e = xp.subtract(xp.log(x, out=xp.scratch(0, x)), xp.log(scale), out=xp.scratch(1, x, scale))
+    t = xp.multiply(e, concentration, out=xp.scratch(2, e, concentration))
+    t = xp.exp(t, out=t)
+    total = weighted_sum(t, w)
+    if not gradient:
+        return [total]
+    e *= t
+    return [total, weighted_sum(e, w)]
 
 
 def _weibull_finish(data: ExactData, sums: list[Tensor], params: Sequence[Tensor], gradient: bool):

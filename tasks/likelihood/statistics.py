@@ -18,11 +18,12 @@ share each chunk of the data.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,17 +47,21 @@ MIN_CHUNKS_PER_THREAD = 4
 SERIAL_ELEMENTS = 1 << 15
 
 
-def _in_calling_thread(function: Callable[[Tensor, Tensor], Tensor]) -> Callable[[np.ndarray], np.ndarray]:
+def _in_calling_thread(function: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., np.ndarray]:
     """`function(x, out)`, a torch elementwise function, applied to a NumPy array in pieces of at
-    most SERIAL_ELEMENTS elements, so that no piece opens an OpenMP region."""
+    most SERIAL_ELEMENTS elements, so that no piece opens an OpenMP region; into `out` if given
+    (which may be `x` itself), else into a new array."""
 
-    def apply(x: np.ndarray) -> np.ndarray:
+    def apply(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         source = torch.from_numpy(x)
-        out = torch.empty(source.shape, dtype=source.dtype)
+        target = torch.empty(source.shape, dtype=source.dtype) if out is None else torch.from_numpy(out)
+        if x.size <= SERIAL_ELEMENTS:  # (a 0-d parameter too)
+            function(source, target)
+            return target.numpy()
         step = max(1, SERIAL_ELEMENTS // max(1, math.prod(x.shape[:-1])))  # along the last dimension
         for s in range(0, x.shape[-1], step):
-            function(source[..., s : s + step], out[..., s : s + step])
-        return out.numpy()
+            function(source[..., s : s + step], target[..., s : s + step])
+        return target.numpy()
 
     return apply
 
@@ -73,10 +78,87 @@ TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
     "log1m": lambda x: torch.log1p(-x),
     "lgamma1p": lambda x: torch.lgamma(x + 1),
 }
+VECTORISED: dict[str, Callable[..., np.ndarray]] = {
+    name: _in_calling_thread(lambda x, out, function=function: function(x, out=out))
+    for name, function in (("log", torch.log), ("log1p", torch.log1p), ("exp", torch.exp))
+}
+
+
+class Workspace:
+    """The arrays one walk over the data writes its temporaries into, chunk after chunk: a fresh
+    chunk-sized array costs its page faults again on every chunk (NumPy hands arrays over 128 KiB
+    to mmap, and a 16-row Student-t pass at 1e5 ran 2.6x slower so). Slot `k` keeps one flat
+    array, grown to the largest chunk; walks take workspaces from a pool (`_workspace`), so two
+    passes running at once never share one."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[int, Any], np.ndarray] = {}
+
+    def array(self, slot: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        size = math.prod(shape)
+        flat = self._flat.get((slot, dtype))
+        if flat is None or flat.size < size:
+            flat = self._flat[(slot, dtype)] = np.empty(size, dtype)
+        return flat[:size].reshape(shape)
+
+
+_WORKSPACES: list[Workspace] = []
+_WORKSPACES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _workspace() -> Iterator[Workspace]:
+    with _WORKSPACES_LOCK:
+        workspace = _WORKSPACES.pop() if _WORKSPACES else Workspace()
+    try:
+        yield workspace
+    finally:
+        with _WORKSPACES_LOCK:
+            _WORKSPACES.append(workspace)
+
+
+class VectorisedNumPy:
+    """NumPy for the CPU's passes over the data (the `xp` of a fused pass's sums), with torch's
+    vectorised log, log1p and exp in the calling thread (see `_in_calling_thread`) if `vectorised`:
+    NumPy's are scalar without AVX-512, and on one thread torch's made a Student-t fit at 1e5 15%
+    faster and a Weibull fit at 1e6 20%. Walks long enough for two threads keep NumPy's: torch's
+    vectorised kernels in two threads at once ran slower here than in one (the Weibull at 1e6: 83
+    ms against 63), NumPy's scale. `scratch` gives the temporaries from a workspace."""
+
+    def __init__(self, workspace: Workspace | None = None, vectorised: bool = True):
+        self._workspace = workspace or Workspace()
+        if vectorised:
+            self.log, self.log1p, self.exp = VECTORISED["log"], VECTORISED["log1p"], VECTORISED["exp"]
+
+    def scratch(self, slot: int, *operands: np.ndarray) -> np.ndarray:
+        """Workspace array `slot`, in the shape and dtype of the operands broadcast together."""
+        shape = operands[0].shape
+        for operand in operands[1:]:
+            if operand.shape != shape:  # (np.broadcast_shapes costs 2 µs, a few times a chunk)
+                shape = np.broadcast_shapes(shape, operand.shape)
+        return self._workspace.array(slot, shape, np.result_type(*operands))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+
+class TorchMath:
+    """torch as the `xp` of a fused pass's sums on CUDA, where the caching allocator makes
+    temporaries cheap: `scratch` is a new tensor."""
+
+    @staticmethod
+    def scratch(slot: int, *operands: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(*(o.shape for o in operands))
+        return torch.empty(shape, dtype=operands[0].dtype, device=operands[0].device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
 CPU_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "x": lambda x: x,
-    "log": _in_calling_thread(lambda x, out: torch.log(x, out=out)),
-    "log1m": lambda x: np.log1p(-x),
+    "log": VECTORISED["log"],
+    "log1m": lambda x: VECTORISED["log1p"](-x),
     "lgamma1p": _in_calling_thread(lambda x, out: torch.lgamma(x + 1, out=out)),
 }
 
@@ -216,34 +298,40 @@ class ExactData:
         return self.cache["range"][1]
 
 
-def _each_chunk(count: int, work: Callable[[int], None]) -> None:
-    """`work(i)` for i in range(count): with enough chunks, split into contiguous ranges over
-    torch's intra-op thread count, one of them in this thread. NumPy's kernels release the GIL, and
-    unlike an OpenMP region per operation, whose barrier waits at every operation for a thread that
-    a busy machine descheduled, the threads meet once, at the end. (The moment pass of `prepare`
-    stays in one thread: there two made the gamma and lognormal fits at 1e6 slower, its torch logs
-    in small pieces contending for the GIL.)"""
+def _each_chunk(count: int, work: Callable[[int, VectorisedNumPy], None]) -> None:
+    """`work(i, xp)` for i in range(count), `xp` a VectorisedNumPy on a workspace of the thread's
+    own. With enough chunks, split into contiguous ranges over torch's intra-op thread count, one
+    of them in this thread. NumPy's kernels release the GIL, and unlike an OpenMP region per
+    operation, whose barrier waits at every operation for a thread that a busy machine
+    descheduled, the threads meet once, at the end. (The moment pass of `prepare` stays in one
+    thread: there two made the gamma and lognormal fits at 1e6 slower, its torch logs in small
+    pieces contending for the GIL.)"""
+    # the functions depend on the chunks alone, never on the thread count, so the totals do not
+    # either: torch's vectorised ones where the walk is too short to share, NumPy's where it can be
+    # (see VectorisedNumPy)
+    vectorised = count < 2 * MIN_CHUNKS_PER_THREAD
     workers = min(torch.get_num_threads(), count // MIN_CHUNKS_PER_THREAD)
-    if workers <= 1:
-        for i in range(count):
-            work(i)
-        return
-    bounds = [count * k // workers for k in range(workers + 1)]
     failures: list[BaseException] = []
 
     def run(start: int, stop: int) -> None:
         try:
-            for i in range(start, stop):
-                work(i)
+            with _workspace() as workspace:
+                xp = VectorisedNumPy(workspace, vectorised)
+                for i in range(start, stop):
+                    work(i, xp)
         except BaseException as error:  # raised again in the calling thread
             failures.append(error)
 
-    helpers = [threading.Thread(target=run, args=bounds[k : k + 2], daemon=True) for k in range(1, workers)]
-    for helper in helpers:
-        helper.start()
-    run(bounds[0], bounds[1])
-    for helper in helpers:
-        helper.join()
+    if workers <= 1:
+        run(0, count)
+    else:
+        bounds = [count * k // workers for k in range(workers + 1)]
+        helpers = [threading.Thread(target=run, args=bounds[k : k + 2], daemon=True) for k in range(1, workers)]
+        for helper in helpers:
+            helper.start()
+        run(bounds[0], bounds[1])
+        for helper in helpers:
+            helper.join()
     if failures:
         raise failures[0]
 
@@ -281,8 +369,8 @@ def weighted_squares(d: Any, w: Any) -> Any:
 
 
 # (x chunk, w chunk, parameters, gradient wanted, array module) -> the chunk's sums, each (..., 1):
-# written with the operations NumPy arrays and torch tensors share, and `xp`'s functions (NumPy on
-# the CPU, see CPU_TRANSFORMS; torch on CUDA)
+# written with the operations NumPy arrays and torch tensors share, and `xp`'s functions
+# (VectorisedNumPy on the CPU, TorchMath on CUDA)
 ChunkSums = Callable[[Tensor, Tensor | None, Sequence[Tensor], bool, Any], list[Tensor]]
 # (data, the sums added up, parameters, gradient wanted) -> (total, its gradient in each parameter)
 Finish = Callable[[ExactData, list[Tensor], Sequence[Tensor], bool], tuple[Tensor, list[Tensor]]]
@@ -298,14 +386,13 @@ class FusedPass:
 
     def run(self, data: ExactData, params: Sequence[Tensor], gradient: bool) -> tuple[Tensor, list[Tensor]]:
         cpu = data.values.device.type == "cpu"
-        xp: Any = np if cpu else torch
         given = [p.detach().numpy() if cpu else p.detach() for p in params]
         chunks = data.chunks(max((p.shape[:-1] for p in params), key=len))
         # each chunk's sums in its own slot, added up in the chunks' order after the walk: the same
         # totals, bit for bit, whatever the number of threads
         parts: list = [None] * len(chunks)
 
-        def walk(i: int) -> None:
+        def walk(i: int, xp: Any) -> None:
             x, w = chunks[i]
             if cpu:  # views of the same memory
                 x, w = x.numpy(), None if w is None else w.numpy()
@@ -315,7 +402,7 @@ class FusedPass:
             _each_chunk(len(chunks), walk)
         else:  # CUDA kernels run asynchronously already
             for i in range(len(chunks)):
-                walk(i)
+                walk(i, TorchMath())
         added = [p * 1 for p in parts[0]]  # copies, added to in place
         for part in parts[1:]:
             for a, b in zip(added, part, strict=True):

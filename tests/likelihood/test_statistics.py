@@ -108,6 +108,34 @@ def test_a_fused_pass_over_two_threads_gives_the_same_totals_bit_for_bit(name, w
         assert got == pytest.approx(float(want), rel=1e-9, abs=1e-9 * len(x))
 
 
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("size", [3_000, 20_000], ids=["vectorised", "numpy"])
+def test_fused_passes_running_at_once_keep_their_workspaces_apart(name, size):
+    """Four passes on different data in four threads at once (a sweep's children in one process),
+    short walks (torch's vectorised functions) and long ones (NumPy's, which two threads share):
+    each total is the one it has alone, bit for bit, and its log_prob sum's."""
+    family = get_family(name)
+    data = [torch.as_tensor(CASES[name].sample(size + 7 * k, seed=10 + k)) for k in range(4)]
+    alone = [float(Observations(x).log_likelihood(family, _params(name)).detach()) for x in data]
+    together: list[float | None] = [None] * len(data)
+    barrier = fast_likelihood.threading.Barrier(len(data))
+
+    def evaluate(k: int) -> None:
+        observations = Observations(data[k])
+        barrier.wait()
+        for _ in range(5):
+            together[k] = float(observations.log_likelihood(family, _params(name)).detach())
+
+    threads = [fast_likelihood.threading.Thread(target=evaluate, args=(k,)) for k in range(len(data))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == alone
+    for x, total in zip(data, alone, strict=True):
+        assert total == pytest.approx(float(_generic(name, x, None, _params(name)).detach()), rel=1e-12)
+
+
 @pytest.mark.parametrize("name", FAST)
 def test_batched_parameters_and_batched_weights(name):
     """A sweep's (K, 1) parameters, and a bootstrap's (B, n) weights with (B, 1) parameters: one
