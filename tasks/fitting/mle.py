@@ -10,6 +10,7 @@ several points.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,37 @@ class FitSettings:
         return Tolerances.for_settings(dtype, self.optimizer, self.gtol, self.ftol)
 
 
+@dataclass(frozen=True)
+class TraceTable:
+    """A run's trace as the loop recorded it: one row of `columns` per step, at learning rate `lr`.
+    `FitResult.trace` makes its DataFrame when first read: building a frame costs about as much
+    as a whole closed-form fit at 1e6 points."""
+
+    columns: tuple[str, ...]
+    values: np.ndarray
+    lr: float
+
+    @classmethod
+    def of(cls, run: RowRun, columns: Sequence[str], lr: float) -> TraceTable:
+        values = torch.stack(run.trace).double().cpu().numpy() if run.trace else np.empty((0, len(columns)))
+        return cls(tuple(columns), values, float(lr))
+
+    def last(self, column: str) -> float:
+        return float(self.values[-1, self.columns.index(column)])
+
+    def frame(self) -> pd.DataFrame:
+        """step, lr, then the columns (one construction from columns: DataFrame.insert costs a
+        millisecond each)."""
+        steps = len(self.values)
+        return pd.DataFrame(
+            {
+                "step": np.arange(steps),
+                "lr": np.full(steps, self.lr),
+                **dict(zip(self.columns, self.values.T, strict=True)),
+            }
+        )
+
+
 @dataclass
 class FitResult:
     """The outcome of one fit. `params` holds every scalar component by label (fixed ones too);
@@ -113,7 +145,7 @@ class FitResult:
     nll: float
     mean_nll: float
     grad_norm: float
-    trace: pd.DataFrame
+    trace_table: TraceTable = field(repr=False)
     optimizer: str
     lr: float
     step_times: list[float] = field(default_factory=list, repr=False)
@@ -128,6 +160,10 @@ class FitResult:
     values: dict[str, Tensor] = field(default_factory=dict, repr=False)
     # a network's mean NLL on its validation rows at the weights kept (None without validation)
     validation_mean_nll: float | None = None
+
+    @functools.cached_property
+    def trace(self) -> pd.DataFrame:
+        return self.trace_table.frame()
 
     @property
     def converged(self) -> bool:
@@ -284,22 +320,12 @@ def _result(model: ConstantModel, settings: FitSettings, run: _Run, started_at: 
     """The FitResult of a path (labels from `model`: the user's fixed values, every free parameter)."""
     free_labels = model.labels(model.free)
     columns = ["nll", "mean_nll", "grad_norm", *free_labels, *[f"grad_{label}" for label in free_labels]]
-    rows = run.run.trace
-    table = torch.stack(rows).double().cpu().numpy() if rows else np.empty((0, len(columns)))
-    # (one construction from columns: DataFrame.insert costs a millisecond each)
-    trace = pd.DataFrame(
-        {
-            "step": np.arange(len(table)),
-            "lr": np.full(len(table), float(settings.learning_rate)),
-            **dict(zip(columns, table.T, strict=True)),
-        }
-    )
+    trace = TraceTable.of(run.run, columns, settings.learning_rate)
     params = {}
     for name in model.family.params:
         params.update(zip(model.labels([name]), run.natural[name].reshape(-1).double().cpu().tolist(), strict=True))
     fixed = {label: params[label] for label in model.labels(list(model.fixed))}
-    # the last step from the array, not the frame: DataFrame.iloc builds a Series (tens of µs)
-    nll, mean_nll, grad_norm = table[-1, :3].tolist()
+    nll, mean_nll, grad_norm = trace.values[-1, :3].tolist()
     return FitResult(
         family=model.family.name,
         params=params,
@@ -309,11 +335,11 @@ def _result(model: ConstantModel, settings: FitSettings, run: _Run, started_at: 
         natural=run.natural,
         outcome=run.run.outcome,
         reason=run.run.message,
-        steps=len(table) - 1,
+        steps=len(trace.values) - 1,
         nll=nll,
         mean_nll=mean_nll,
         grad_norm=grad_norm,
-        trace=trace,
+        trace_table=trace,
         optimizer=settings.optimizer,
         lr=settings.learning_rate,
         step_times=list(run.run.times),

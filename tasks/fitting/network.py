@@ -18,8 +18,8 @@ import torch
 from nllflow.data.formulas import intercept_design
 from nllflow.errors import InputError
 from nllflow.fitting.engine import Outcome, RowSettings, Tolerances, minimise, warn_unless_converged
-from nllflow.fitting.mle import FitResult, FitSettings
-from nllflow.fitting.regression import constant_fit, parameter_model_result, trace_frame
+from nllflow.fitting.mle import FitResult, FitSettings, TraceTable
+from nllflow.fitting.regression import constant_fit, parameter_model_result
 from nllflow.likelihood.observations import Observations
 from nllflow.models.linear import LinearModel
 from nllflow.models.network import EpochStep, NetworkModel, NetworkProblem, Training
@@ -108,7 +108,7 @@ def network_result(
     return parameter_model_result(
         model,
         run,
-        trace_frame(run, problem.columns, lr),
+        TraceTable.of(run, problem.columns, lr),
         coefficients,
         values,
         natural,

@@ -12,14 +12,12 @@ import math
 import time
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
-import pandas as pd
 import torch
 
 from nllflow.data.formulas import intercept_design
 from nllflow.errors import InputError
 from nllflow.fitting.engine import NewtonStep, RowRun, RowSettings, TorchStep, minimise, warn_unless_converged
-from nllflow.fitting.mle import FitResult, FitSettings
+from nllflow.fitting.mle import FitResult, FitSettings, TraceTable
 from nllflow.likelihood.observations import Observations
 from nllflow.models.constant import start_values
 from nllflow.models.linear import LinearModel, LinearProblem
@@ -139,8 +137,7 @@ def regression_result(
     standardised = problem.coefficients_of(row)
     with torch.no_grad():
         values, natural = problem.parameters(standardised)
-    trace = trace_frame(run, problem.columns, settings.learning_rate)
-    last = trace.iloc[-1]
+    trace = TraceTable.of(run, problem.columns, settings.learning_rate)
     return parameter_model_result(
         model,
         run,
@@ -151,25 +148,16 @@ def regression_result(
         model.labels(),
         settings=settings,
         lr=settings.learning_rate,
-        nll=float(last["nll"]),
-        mean_nll=float(last["mean_nll"]),
+        nll=trace.last("nll"),
+        mean_nll=trace.last("mean_nll"),
         started_at=started_at,
     )
-
-
-def trace_frame(run: RowRun, columns: Sequence[str], lr: float) -> pd.DataFrame:
-    """A run's trace as a table: step, lr, then `columns`."""
-    table = torch.stack(run.trace).double().cpu().numpy() if run.trace else np.empty((0, len(columns)))
-    trace = pd.DataFrame(table, columns=list(columns))
-    trace.insert(0, "lr", lr)
-    trace.insert(0, "step", np.arange(len(trace)))
-    return trace
 
 
 def parameter_model_result(
     model,
     run: RowRun,
-    trace: pd.DataFrame,
+    trace: TraceTable,
     standardised: Mapping[str, torch.Tensor],
     values: Mapping[str, torch.Tensor],
     natural: Mapping[str, torch.Tensor],
@@ -194,11 +182,11 @@ def parameter_model_result(
         natural={name: value.detach().reshape(-1) for name, value in natural.items()},
         outcome=run.outcome,
         reason=run.message,
-        steps=len(trace) - 1,
+        steps=len(trace.values) - 1,
         nll=nll,
         mean_nll=mean_nll,
-        grad_norm=float(trace["grad_norm"].iloc[-1]),
-        trace=trace,
+        grad_norm=trace.last("grad_norm"),
+        trace_table=trace,
         optimizer=settings.optimizer,
         lr=lr,
         step_times=list(run.times),
