@@ -37,10 +37,17 @@ if TYPE_CHECKING:
 # and a pass over 1e7 points is a few hundred operations, not thousands of Python calls
 CPU_CHUNK = 1 << 16
 CUDA_CHUNK = 1 << 24
+# the moment pass's chunks on the CPU: it keeps at most two temporaries, and its fixed cost per
+# chunk (a dozen small NumPy operations) was a third of a normal fit at 1e6 with 64K elements
+MOMENT_CHUNK = 1 << 18
 
 # a fused pass uses another thread for every this many chunks (see _each_chunk): a thread's start
 # and join cost tens of microseconds, a chunk's work a few hundred
 MIN_CHUNKS_PER_THREAD = 4
+
+# OpenBLAS's ddot stays in the calling thread up to 10,000 elements (and would otherwise wait on
+# threads of its own, as an OpenMP region does)
+DOT_PIECE = 1 << 13
 
 # the most elements an ATen elementwise kernel runs on in the calling thread (its GRAIN_SIZE):
 # a larger tensor opens an OpenMP region (see CPU_TRANSFORMS)
@@ -155,10 +162,11 @@ class TorchMath:
         return getattr(torch, name)
 
 
-CPU_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "x": lambda x: x,
+# (x, out) -> f(x), written into `out` (an array of x's shape) where that saves an allocation
+CPU_TRANSFORMS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "x": lambda x, out: x,
     "log": VECTORISED["log"],
-    "log1m": lambda x: VECTORISED["log1p"](-x),
+    "log1m": lambda x, out: VECTORISED["log1p"](np.negative(x, out=out), out=out),
     "lgamma1p": _in_calling_thread(lambda x, out: torch.lgamma(x + 1, out=out)),
 }
 
@@ -205,12 +213,13 @@ class ExactData:
     def size(self) -> int:
         return self.values.shape[-1]
 
-    def chunks(self, batch: tuple[int, ...] = ()) -> list[tuple[Tensor, Tensor | None]]:
-        """Views of the data in chunks of about CHUNK elements each, counting the rows of a batch
-        (`batch`: the parameters' batch shape) that every chunk is broadcast against."""
+    def chunks(self, batch: tuple[int, ...] = (), cpu_budget: int | None = None) -> list[tuple[Tensor, Tensor | None]]:
+        """Views of the data in chunks of about CPU_CHUNK (`cpu_budget`) or CUDA_CHUNK elements
+        each, counting the rows of a batch (`batch`: the parameters' batch shape) that every chunk
+        is broadcast against."""
         shapes = [self.values.shape[:-1], batch] + ([] if self.weights is None else [self.weights.shape[:-1]])
         rows = math.prod(max(sizes) for sizes in itertools.zip_longest(*(s[::-1] for s in shapes), fillvalue=1))
-        budget = CUDA_CHUNK if self.values.device.type == "cuda" else CPU_CHUNK
+        budget = CUDA_CHUNK if self.values.device.type == "cuda" else cpu_budget or CPU_CHUNK
         step = max(1024, budget // rows)
         return [
             (self.values[..., s : s + step], None if self.weights is None else self.weights[..., s : s + step])
@@ -228,7 +237,7 @@ class ExactData:
         with_range = with_range and "range" not in self.cache
         if not (wanted or with_range) or not self.size:
             return
-        chunks = self.chunks()
+        chunks = self.chunks(cpu_budget=MOMENT_CHUNK)
         cpu = self.values.device.type == "cpu"
         table = CPU_TRANSFORMS if cpu else TRANSFORMS
         functions = [table[t] for t in wanted]
@@ -243,27 +252,13 @@ class ExactData:
         chunk_totals: list = []
         parts: list[list] = [[] for _ in wanted]
         low = high = None
-        scratch = None
-        for x, w in chunks:
-            if with_range:
-                low = x.min() if low is None else min(low, x.min())
-                high = x.max() if high is None else max(high, x.max())
-            total = x[..., :1] * 0 + x.shape[-1] if w is None else w.sum(-1, keepdims=True)
-            chunk_totals.append(total)
-            for j, f in enumerate(functions):
-                fx = f(x)
-                if shifts[j] is None:
-                    shifts[j] = weighted_sum(fx, w) / (total + (total == 0))
-                # (a new array: batched weights broadcast it to their rows; on the CPU one scratch array
-                # for every chunk of the shape, not a fresh allocation and its page faults per chunk)
-                if cpu:
-                    shape = np.broadcast_shapes(fx.shape, shifts[j].shape)
-                    if scratch is None or scratch.shape != shape or scratch.dtype != fx.dtype:
-                        scratch = np.empty(shape, fx.dtype)
-                    d = np.subtract(fx, shifts[j], out=scratch)
-                else:
-                    d = fx - shifts[j]
-                parts[j].append((weighted_sum(d, w), weighted_squares(d, w)))
+        with contextlib.ExitStack() as resources:
+            workspace = resources.enter_context(_workspace()) if cpu else None
+            for x, w in chunks:
+                self._walk_chunk(x, w, functions, workspace, shifts, chunk_totals, parts)
+                if with_range:
+                    low = x.min() if low is None else min(low, x.min())
+                    high = x.max() if high is None else max(high, x.max())
 
         def tensor(value) -> Tensor:
             return torch.as_tensor(value, dtype=self.values.dtype, device=self.values.device)
@@ -276,6 +271,33 @@ class ExactData:
             self.cache[transform] = _merge(totals, tensor(shifts[j]), centres, squares - totals * centres * centres)
         if with_range:
             self.cache["range"] = (tensor(low), tensor(high))
+
+    @staticmethod
+    def _walk_chunk(
+        x: Any, w: Any, functions: list, workspace: Workspace | None, shifts: list, chunk_totals: list, parts: list
+    ) -> None:
+        """One chunk's total weight, and per transform its Σw d and Σw d² about the shift (see
+        `prepare`); on the CPU, temporaries in `workspace`."""
+        total = x[..., :1] * 0 + x.shape[-1] if w is None else w.sum(-1, keepdims=True)
+        chunk_totals.append(total)
+        for j, f in enumerate(functions):
+            fx = f(x, workspace.array(0, x.shape, x.dtype)) if workspace is not None else f(x)
+            raw = _raw_moments(fx) if workspace is not None and w is None else None
+            if shifts[j] is None:
+                shifts[j] = raw[0] / total if raw is not None else weighted_sum(fx, w) / (total + (total == 0))
+            if raw is not None:
+                # well conditioned: Σd and Σd² about the shift follow from Σf and the chunk's m2
+                # without a pass over d
+                centred = raw[0] - total * shifts[j]
+                parts[j].append((centred, raw[1] + centred * centred / total))
+                continue
+            # (a new array: batched weights broadcast it to their rows)
+            if workspace is not None:
+                shape = np.broadcast_shapes(fx.shape, shifts[j].shape)
+                d = np.subtract(fx, shifts[j], out=workspace.array(1, shape, fx.dtype))
+            else:
+                d = fx - shifts[j]
+            parts[j].append((weighted_sum(d, w), weighted_squares(d, w)))
 
     def moments(self, transform: str) -> Moments:
         """Weighted moments of TRANSFORMS[transform](x) (see `prepare`)."""
@@ -355,6 +377,21 @@ def weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
     if t.ndim == 1:
         return (w @ t)[..., None]
     return (w * t).sum(-1, keepdims=True)
+
+
+def _raw_moments(f: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Σf and Σ(f - mean)² of a 1-D float64 chunk as (1,) arrays, from Σf and Σf² (two reads, no
+    temporary), or None where Σf² - (Σf)²/n would lose more than four bits to cancellation (data
+    far from zero relative to their spread, constant data): then the caller centres the chunk.
+    Σf² is a BLAS dot in pieces of DOT_PIECE elements, which OpenBLAS runs in the calling thread."""
+    if f.ndim != 1 or f.dtype != np.float64 or not f.size:
+        return None
+    total = f.sum()
+    squares = sum(np.dot(f[s : s + DOT_PIECE], f[s : s + DOT_PIECE]) for s in range(0, f.size, DOT_PIECE))
+    m2 = squares - total * total / f.size
+    if not m2 * 16 >= squares or m2 == 0:  # (NaN or inf data: the centred path gives them)
+        return None
+    return np.reshape(total, (1,)), np.reshape(m2, (1,))
 
 
 def weighted_squares(d: Any, w: Any) -> Any:

@@ -5,6 +5,7 @@ chunk boundaries, far from zero, beside censored rows; and their statistics comp
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -51,8 +52,10 @@ def _gradients(total: torch.Tensor, params: dict) -> list[torch.Tensor]:
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Chunks of 1024 elements: a few thousand points cross several chunk boundaries."""
+    """Chunks of 1024 elements (fused passes and the moment pass): a few thousand points cross
+    several chunk boundaries."""
     monkeypatch.setattr(fast_likelihood, "CPU_CHUNK", 1024)
+    monkeypatch.setattr(fast_likelihood, "MOMENT_CHUNK", 1024)
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -206,6 +209,23 @@ def test_normal_statistics_keep_their_digits_far_from_zero():
     assert float(fast) == pytest.approx(exact, rel=1e-12)
 
 
+def test_moments_are_exact_whichever_way_each_chunk_is_summed():
+    """Chunks of 1024 that the pass sums raw (Σx, Σx²: a spread about zero), centres (constant
+    data, data at 1e8 with unit spread: Σx² - (Σx)²/n would lose their digits) or mixes: the mean
+    and Σ(x - mean)² equal the exact rational sums; constant data give m2 = 0 exactly."""
+    rng = np.random.default_rng(12)
+    pieces = [rng.normal(0, 1, 1024), np.full(1024, 5.25), 1e8 + rng.normal(0, 1, 1024), rng.normal(3, 2, 1000)]
+    for values in [np.concatenate(pieces), pieces[1], pieces[2], np.concatenate([pieces[0], pieces[3]])]:
+        moments = Observations(torch.as_tensor(values)).exact.moments("x")
+        exact = [Fraction(v) for v in values.tolist()]
+        mean = sum(exact) / len(exact)
+        m2 = sum((v - mean) ** 2 for v in exact)
+        assert float(moments.total) == len(values)
+        assert float(moments.mean) == pytest.approx(float(mean), rel=1e-15, abs=1e-15)
+        assert float(moments.m2) == pytest.approx(float(m2), rel=1e-12)
+    assert float(Observations(torch.as_tensor(pieces[1])).exact.moments("x").m2) == 0.0
+
+
 def test_censored_rows_keep_their_own_path():
     """Exact rows by the fast rule, censored rows by their interval probabilities."""
     family = get_family("gamma")
@@ -224,7 +244,7 @@ def test_statistics_are_computed_once_per_fit(monkeypatch):
     away from the MLE (the gamma's own start rule is the MLE: it converges at step 0)."""
     calls = []
     log = fast_likelihood.CPU_TRANSFORMS["log"]  # the CPU's walk (NumPy)
-    monkeypatch.setitem(fast_likelihood.CPU_TRANSFORMS, "log", lambda x: calls.append(x.shape[-1]) or log(x))
+    monkeypatch.setitem(fast_likelihood.CPU_TRANSFORMS, "log", lambda x, out: calls.append(x.shape[-1]) or log(x, out))
     x = CASES["gamma"].sample(5000, seed=11)
     result = fit_mle(get_family("gamma"), Observations(torch.as_tensor(x)), init={"concentration": 1.0, "rate": 1.0})
     assert result.converged and result.steps >= 3
