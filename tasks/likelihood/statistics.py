@@ -111,6 +111,10 @@ class Workspace:
 
 _WORKSPACES: list[Workspace] = []
 _WORKSPACES_LOCK = threading.Lock()
+# the workspaces the pool keeps for later walks (a few MiB each): more passes at once than this (a
+# threaded sweep's children) make theirs and leave them to the garbage collector, so a long-lived
+# process (the warm runner) does not hold one per thread it ever ran
+KEPT_WORKSPACES = 4
 
 
 @contextlib.contextmanager
@@ -121,7 +125,8 @@ def _workspace() -> Iterator[Workspace]:
         yield workspace
     finally:
         with _WORKSPACES_LOCK:
-            _WORKSPACES.append(workspace)
+            if len(_WORKSPACES) < KEPT_WORKSPACES:
+                _WORKSPACES.append(workspace)
 
 
 class VectorisedNumPy:

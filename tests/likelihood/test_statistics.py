@@ -114,11 +114,12 @@ def test_a_fused_pass_over_two_threads_gives_the_same_totals_bit_for_bit(name, w
 @pytest.mark.parametrize("name", FUSED)
 @pytest.mark.parametrize("size", [3_000, 20_000], ids=["vectorised", "numpy"])
 def test_fused_passes_running_at_once_keep_their_workspaces_apart(name, size):
-    """Four passes on different data in four threads at once (a sweep's children in one process),
+    """Six passes on different data in six threads at once (a sweep's children in one process),
     short walks (torch's vectorised functions) and long ones (NumPy's, which two threads share):
-    each total is the one it has alone, bit for bit, and its log_prob sum's."""
+    each total is the one it has alone, bit for bit, and its log_prob sum's; the pool keeps no more
+    workspaces than KEPT_WORKSPACES afterwards."""
     family = get_family(name)
-    data = [torch.as_tensor(CASES[name].sample(size + 7 * k, seed=10 + k)) for k in range(4)]
+    data = [torch.as_tensor(CASES[name].sample(size + 7 * k, seed=10 + k)) for k in range(6)]
     alone = [float(Observations(x).log_likelihood(family, _params(name)).detach()) for x in data]
     together: list[float | None] = [None] * len(data)
     barrier = fast_likelihood.threading.Barrier(len(data))
@@ -135,6 +136,7 @@ def test_fused_passes_running_at_once_keep_their_workspaces_apart(name, size):
     for thread in threads:
         thread.join()
     assert together == alone
+    assert len(fast_likelihood._WORKSPACES) <= fast_likelihood.KEPT_WORKSPACES
     for x, total in zip(data, alone, strict=True):
         assert total == pytest.approx(float(_generic(name, x, None, _params(name)).detach()), rel=1e-12)
 
