@@ -117,6 +117,7 @@ class ConstantModel:
         self.optimised = tuple(name for name in self.free if name not in self.held)
         heuristic = start_values(family, observations)
         self.unit = self._unit(heuristic)
+        self._static_transforms: dict[str, Transform] = {}
         self.start = self._resolve_start(
             heuristic, {name: self._tensor(name, v, "initial") for name, v in init.items()}
         )
@@ -190,6 +191,16 @@ class ConstantModel:
                 start[name] = value
         return start
 
+    def transform_of(self, name: str, known: Mapping[str, Tensor]) -> Transform:
+        """The transform of `name` given the values `known` so far; built once where the
+        constraint reads neither the data nor other parameters (every step maps u twice)."""
+        if name in self.family.constraint_rules:
+            return self.transform(self.constraint(name, known))
+        transform = self._static_transforms.get(name)
+        if transform is None:
+            transform = self._static_transforms[name] = self.transform(self.family.base_constraint(name))
+        return transform
+
     def transform(self, constraint: Constraint) -> Transform:
         """`transform_to(constraint)`, with a real-valued parameter counted in units of `unit`."""
         if constraint is constraints.real:
@@ -201,7 +212,7 @@ class ConstantModel:
         known: dict[str, Tensor] = {**self.fixed, **self.held}
         for name in self.family.order:
             if name in unconstrained:
-                known[name] = self.transform(self.constraint(name, known))(unconstrained[name])
+                known[name] = self.transform_of(name, known)(unconstrained[name])
         return {name: known[name] for name in self.family.params}
 
     def unconstrained(self, natural: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -209,7 +220,7 @@ class ConstantModel:
         result = {}
         for name in self.family.order:
             if name in self.optimised:
-                result[name] = self.transform(self.constraint(name, known)).inv(natural[name])
+                result[name] = self.transform_of(name, known).inv(natural[name])
                 known[name] = natural[name]
         return result
 
