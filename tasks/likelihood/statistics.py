@@ -93,8 +93,8 @@ VECTORISED: dict[str, Callable[..., np.ndarray]] = {
 
 class Workspace:
     """The arrays one walk over the data writes its temporaries into, chunk after chunk: a fresh
-    chunk-sized array costs its page faults again on every chunk (NumPy hands arrays over 128 KiB
-    to mmap, and a 16-row Student-t pass at 1e5 ran 2.6x slower so). Slot `k` keeps one flat
+    chunk-sized array costs its page faults again on every chunk (glibc's malloc hands blocks over
+    128 KiB to mmap, and a 16-row Student-t pass at 1e5 ran 2.6x slower so). Slot `k` keeps one flat
     array, grown to the largest chunk; walks take workspaces from a pool (`_workspace`), so two
     passes running at once never share one."""
 
@@ -137,8 +137,8 @@ class VectorisedNumPy:
     vectorised kernels in two threads at once ran slower here than in one (the Weibull at 1e6: 83
     ms against 63), NumPy's scale. `scratch` gives the temporaries from a workspace."""
 
-    def __init__(self, workspace: Workspace | None = None, vectorised: bool = True):
-        self._workspace = workspace or Workspace()
+    def __init__(self, workspace: Workspace, vectorised: bool):
+        self._workspace = workspace
         if vectorised:
             self.log, self.log1p, self.exp = VECTORISED["log"], VECTORISED["log1p"], VECTORISED["exp"]
 
@@ -257,8 +257,7 @@ class ExactData:
         chunk_totals: list = []
         parts: list[list] = [[] for _ in wanted]
         low = high = None
-        with contextlib.ExitStack() as resources:
-            workspace = resources.enter_context(_workspace()) if cpu else None
+        with _workspace() if cpu else contextlib.nullcontext() as workspace:
             for x, w in chunks:
                 self._walk_chunk(x, w, functions, workspace, shifts, chunk_totals, parts)
                 if with_range:
@@ -400,10 +399,10 @@ def _raw_moments(f: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def weighted_squares(d: Any, w: Any) -> Any:
-    """Σ w d² over the last dimension, kept as (..., 1); `d` may be overwritten. Not a BLAS dot:
-    OpenBLAS threads would wait on each other too. Without weights, NumPy's einsum reads float64 `d`
-    once and writes nothing (in float32 its running sums would lose the digits that the pairwise
-    sum keeps)."""
+    """Σ w d² over the last dimension, kept as (..., 1); `d` may be overwritten. Not a BLAS dot of
+    the whole chunk: OpenBLAS threads would wait on each other too (see DOT_PIECE). Without
+    weights, NumPy's einsum reads float64 `d` once and writes nothing (in float32 its running sums
+    would lose the digits that the pairwise sum keeps)."""
     if w is None and isinstance(d, np.ndarray) and d.dtype == np.float64:
         return np.einsum("...i,...i->...", d, d)[..., None]
     d *= d
@@ -443,8 +442,9 @@ class FusedPass:
         if cpu:
             _each_chunk(len(chunks), walk)
         else:  # CUDA kernels run asynchronously already
+            xp = TorchMath()
             for i in range(len(chunks)):
-                walk(i, TorchMath())
+                walk(i, xp)
         added = [p * 1 for p in parts[0]]  # copies, added to in place
         for part in parts[1:]:
             for a, b in zip(added, part, strict=True):
