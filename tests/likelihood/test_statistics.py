@@ -201,6 +201,55 @@ def test_scipy_agrees_on_the_fused_families():
         assert float(fast) == pytest.approx(frozen(params).logpdf(x).sum(), rel=1e-12)
 
 
+@pytest.mark.parametrize("vectorised", [False, True], ids=["numpy", "torch"])
+def test_grouped_logarithms_sum_like_one_by_one(vectorised):
+    """VectorisedNumPy.log_sum (one logarithm per LOG_GROUP values) against math.fsum of each
+    value's logarithm: three batch rows whose length leaves a tail after the groups, values near 1,
+    weights, and values of 1e160, whose groups' products overflow (the logarithms one by one)."""
+    rng = np.random.default_rng(8)
+    u = 1 + rng.exponential(2.0, (3, 1003))
+    u[:, :40] = 1 + rng.uniform(0, 1e-12, (3, 40))
+    w = rng.integers(0, 4, u.shape[-1]).astype(np.float64)
+    huge = u.copy()
+    huge[1, ::3] = 1e160
+
+    def exact(values: np.ndarray, weights: np.ndarray) -> list[float]:
+        return [math.fsum(a * math.log(v) for a, v in zip(weights, row, strict=True)) for row in values]
+
+    with fast_likelihood._workspace() as workspace:
+        xp = fast_likelihood.VectorisedNumPy(workspace, vectorised)
+        grouped, weighted, overflowed = xp.log_sum(u, None, 0), xp.log_sum(u, w, 0), xp.log_sum(huge, None, 0)
+    assert grouped.shape == weighted.shape == overflowed.shape == (3, 1)
+    ones = np.ones(u.shape[-1])
+    # a few units in the last place of 1 per group, against sums of about 1e3
+    np.testing.assert_allclose(grouped[:, 0], exact(u, ones), rtol=1e-14)
+    np.testing.assert_allclose(weighted[:, 0], exact(u, w), rtol=1e-14)
+    np.testing.assert_allclose(overflowed[:, 0], exact(huge, ones), rtol=1e-14)
+
+
+@pytest.mark.parametrize("df", [3.0, 900.0, 1.1e3, 1e6, 1e15])
+def test_studentt_pass_on_either_side_of_the_grouped_logarithms(df):
+    """At df up to GROUPED_LOG_MAX_DF the Student-t pass sums grouped logarithms, above it log1p:
+    both totals as scipy's log-densities summed exactly (at df = 1e15 the normal's, which differ
+    by a part in 1e15), both gradients as torch's log_prob's."""
+    from nllflow.families.continuous import GROUPED_LOG_MAX_DF
+
+    assert 900.0 <= GROUPED_LOG_MAX_DF < 1.1e3
+    x = 1.0 + 2.0 * np.random.default_rng(9).standard_t(df, 3001)
+    params = {
+        k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+        for k, v in (("df", df), ("loc", 1.2), ("scale", 1.9))
+    }
+    fast = Observations(torch.as_tensor(x)).log_likelihood(get_family("studentt"), params)
+    exact = math.fsum((stats.t(df, 1.2, 1.9) if df < 1e10 else stats.norm(1.2, 1.9)).logpdf(x))
+    assert float(fast.detach()) == pytest.approx(exact, rel=1e-12)
+    oracle = _generic("studentt", torch.as_tensor(x), None, params)
+    # (at df = 1e15 the df-derivative, of order n/df², is rounding in both)
+    compared = slice(None) if df < 1e10 else slice(1, None)
+    for got, want in zip(_gradients(fast, params)[compared], _gradients(oracle, params)[compared], strict=True):
+        assert float(got) == pytest.approx(float(want), rel=1e-8, abs=1e-9 * len(x))
+
+
 def test_normal_statistics_keep_their_digits_far_from_zero():
     """Data at 1e8 with unit spread: raw power sums would lose every digit of Σ(x - μ)²; the centred
     moments keep them."""
