@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -87,6 +87,10 @@ class Problem(Protocol):
     description: str  # what was fitted, for messages ("gamma")
 
     def row_leaves(self, row: int) -> list[Tensor]: ...
+
+    def save_rows(self, rows: list[int]) -> Any: ...
+
+    def restore_row(self, row: int, saved: Any, position: int) -> None: ...
 
     def evaluate(self, rows: Tensor, *, trace: bool = True) -> StepValues: ...
 
@@ -202,7 +206,7 @@ def minimise(
                 traces[row].append(current.columns[i].detach())
                 times[row].append(now)
             good_mean[row] = mean[i]
-            snapshot.take(row)
+        snapshot.take([row for _, row in kept])
         if not kept:
             if not any(active):
                 break
@@ -271,16 +275,18 @@ class _Snapshot:
 
     def __init__(self, problem: Problem):
         self.problem = problem
-        self.saved: dict[int, list[Tensor]] = {}
+        self.saved: dict[int, tuple[Any, int]] = {}  # row -> (what save_rows gave, the row's position)
 
-    def take(self, row: int) -> None:
-        self.saved[row] = [leaf.detach().clone() for leaf in self.problem.row_leaves(row)]
+    def take(self, rows: list[int]) -> None:
+        if rows:
+            saved = self.problem.save_rows(rows)
+            for position, row in enumerate(rows):
+                self.saved[row] = (saved, position)
 
     def restore(self, row: int) -> None:
         if row in self.saved:
             with torch.no_grad():
-                for leaf, value in zip(self.problem.row_leaves(row), self.saved[row], strict=True):
-                    leaf.copy_(value)
+                self.problem.restore_row(row, *self.saved[row])
 
 
 # --- step rules ----------------------------------------------------------------------------------
@@ -303,6 +309,15 @@ class RowProblem:
 
     def row_leaves(self, row: int) -> list[Tensor]:
         return self.leaves[row]
+
+    def save_rows(self, rows: list[int]) -> Any:
+        """Copies of the leaves of `rows`, for `restore_row`."""
+        return [[leaf.detach().clone() for leaf in self.row_leaves(row)] for row in rows]
+
+    def restore_row(self, row: int, saved: Any, position: int) -> None:
+        """The leaves of `row` set back to its copies in `saved` (from save_rows), at `position`."""
+        for leaf, value in zip(self.row_leaves(row), saved[position], strict=True):
+            leaf.copy_(value)
 
     def nothing_to_optimise(self) -> bool:
         return not self.model.optimised  # type: ignore[attr-defined]

@@ -268,16 +268,21 @@ class ConstantProblem(RowProblem):
         self.batched = len(observations.batch_shape) > 0
         free = model.labels(model.free)
         self.columns = ["nll", "mean_nll", "grad_norm", *free, *[f"grad_{label}" for label in free]]
-        self.leaves: list[list[Tensor]] = []
-        for row in range(rows):
-            start = model.start if starts is None else {**model.start, **starts[row]}
-            u = model.unconstrained(start)
-            self.leaves.append(
-                [
-                    u[name].detach().reshape(1, 1, *model.shapes[name]).clone().requires_grad_(True)
-                    for name in model.optimised
-                ]
-            )
+        starting = [
+            model.unconstrained(model.start if starts is None else {**model.start, **starts[row]})
+            for row in range(rows)
+        ]
+        # each optimised parameter's unconstrained values, all rows in one (rows, 1, *shape) tensor
+        # whose row views are the rows' leaves: torch's optimisers see a leaf per row, while a
+        # batched step reads and writes every row in one operation per parameter (copying into 16
+        # rows' leaves one by one was a fifth of a batched Student-t step)
+        self.stacked = {
+            name: torch.cat([u[name].detach().reshape(1, 1, *model.shapes[name]) for u in starting])
+            for name in model.optimised
+        }
+        self.leaves: list[list[Tensor]] = [
+            [self.stacked[name][row : row + 1].requires_grad_(True) for name in model.optimised] for row in range(rows)
+        ]
 
     def _log_likelihood(self, rows: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         """The log-likelihood of each of `rows` at natural `params` (the rows' own values).
@@ -431,16 +436,31 @@ class ConstantProblem(RowProblem):
             at += size
         return columns
 
+    def assemble(self, rows: Tensor) -> dict[str, Tensor]:
+        if len(rows) == 1:
+            return super().assemble(rows)
+        positions, tracked = rows.to(self.observations.device), torch.is_grad_enabled()
+        return {name: stacked[positions].requires_grad_(tracked) for name, stacked in self.stacked.items()}
+
+    def save_rows(self, rows: list[int]) -> dict[str, Tensor]:
+        positions = torch.tensor(rows, device=self.observations.device)
+        return {name: stacked[positions] for name, stacked in self.stacked.items()}  # (indexing copies)
+
+    def restore_row(self, row: int, saved: dict[str, Tensor], position: int) -> None:
+        for name, stacked in self.stacked.items():
+            stacked[row] = saved[name][position]
+
     def flat(self, rows: Tensor) -> Tensor:
-        u = self.assemble(rows)
-        return torch.cat([u[name].detach().reshape(len(rows), -1) for name in self.model.optimised], 1)
+        positions = rows.to(self.observations.device)
+        return torch.cat([stacked[positions].reshape(len(rows), -1) for stacked in self.stacked.values()], 1)
 
     def set_flat(self, rows: Tensor, flat: Tensor) -> None:
-        sizes = [math.prod(self.model.shapes[name]) for name in self.model.optimised]
+        positions, at = rows.to(self.observations.device), 0
         with torch.no_grad():
-            for i, row in enumerate(rows.tolist()):
-                for leaf, piece in zip(self.leaves[row], flat[i].split(sizes), strict=True):
-                    leaf.copy_(piece.reshape(leaf.shape))
+            for stacked in self.stacked.values():
+                size = math.prod(stacked.shape[2:])
+                stacked[positions] = flat[:, at : at + size].reshape(len(rows), *stacked.shape[1:])
+                at += size
 
     def derivatives(self, rows: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return autograd_derivatives(lambda u: self.objective(rows, u), flat)
