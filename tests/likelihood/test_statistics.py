@@ -277,6 +277,25 @@ def test_moments_are_exact_whichever_way_each_chunk_is_summed():
     assert float(Observations(torch.as_tensor(pieces[1])).exact.moments("x").m2) == 0.0
 
 
+@pytest.mark.parametrize(
+    "size", [1, 7, fast_likelihood.DOT_PIECE - 1, fast_likelihood.DOT_PIECE, 3 * fast_likelihood.DOT_PIECE + 5]
+)
+def test_squares_summed_in_pieces_and_a_rest_are_the_exact_sum(size):
+    """A chunk's raw moments from Σx and Σx² as stacked dots of DOT_PIECE values plus a dot of
+    the rest: every value counted once, whether the chunk is shorter than a piece, whole pieces or
+    pieces and a rest (chunks of any size: this module's 1024 would stay below one piece)."""
+    values = np.random.default_rng(size).normal(0.5, 2.0, size)
+    exact = [Fraction(v) for v in values.tolist()]
+    mean = sum(exact) / len(exact)
+    raw = fast_likelihood._raw_moments(values)
+    if size == 1:  # m2 = 0: left to the centred path, which gives it exactly
+        assert raw is None
+        return
+    total, m2 = raw
+    assert float(total[0]) == pytest.approx(float(sum(exact)), rel=1e-14)
+    assert float(m2[0]) == pytest.approx(float(sum((v - mean) ** 2 for v in exact)), rel=1e-12)
+
+
 def test_censored_rows_keep_their_own_path():
     """Exact rows by the fast rule, censored rows by their interval probabilities."""
     family = get_family("gamma")
