@@ -80,6 +80,12 @@ def parameter_shapes(family: Family, observations: Observations) -> dict[str, tu
     return observations.cached(f"shapes:{family.name}", lambda: family.shapes(observations.stand_in().values))
 
 
+def _per_row(tensors: Sequence[Tensor], count: int) -> Tensor:
+    """The values of each of `tensors` (rows first) as (count, -1), side by side."""
+    flat = [t.reshape(count, -1) for t in tensors]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, 1)
+
+
 class ConstantModel:
     """The family's parameters for one data set: which are fixed or held (by a polish rule), their
     constraints, start values, and the map u -> natural values. Construction only checks the given
@@ -328,17 +334,18 @@ class ConstantProblem(RowProblem):
                 grad_u = list(grads[len(model.free) :])
             else:
                 grad_natural, grad_u, mean_nll = self._chained_gradients(rows, u, natural)
-        # clone: under an identity transform (a real parameter) the natural value is the optimiser's own
-        # tensor, which the next step changes in place
-        natural = {n: v.detach().clone() for n, v in natural.items()}
+        # a copy where the natural value is the optimiser's own tensor or a view of it (an identity
+        # transform), which the next step changes in place
+        natural = {n: v.detach().clone() if v is u.get(n) or v._is_view() else v.detach() for n, v in natural.items()}
         mean_nll = mean_nll.detach()
+        # (a few whole-row operations, not a few per parameter: each costs microseconds)
         if grad_u:
-            max_gradient = torch.stack([g.reshape(count, -1).abs().amax(1) for g in grad_u]).amax(0)
-            finite = torch.stack([torch.isfinite(natural[n]).reshape(count, -1).all(1) for n in model.optimised]).all(0)
+            max_gradient = _per_row(grad_u, count).abs().amax(1)
+            finite = _per_row([natural[n] for n in model.optimised], count).isfinite().all(1)
         else:
             max_gradient = mean_nll.new_zeros(count)
             finite = torch.ones(count, dtype=torch.bool, device=mean_nll.device)
-        gradients = [[g[i : i + 1] for g in grad_u] for i in range(count)]
+        gradients = [grad_u] if count == 1 else [[g[i : i + 1] for g in grad_u] for i in range(count)]
         columns = self._columns(natural, grad_natural, mean_nll, rows) if trace else None
         return StepValues(
             rows, mean_nll, max_gradient, gradients, columns, finite, {"natural": natural, "grad_natural": grad_natural}
@@ -368,15 +375,14 @@ class ConstantProblem(RowProblem):
         self, natural: Mapping[str, Tensor], grad_natural: Mapping[str, Tensor], mean_nll: Tensor, rows: Tensor
     ) -> Tensor:
         count = len(rows)
-
-        def per_row(value: Tensor, name: str) -> Tensor:
-            return torch.broadcast_to(value, (count, 1, *self.model.shapes[name])).reshape(count, -1)
-
-        values = [per_row(natural[n], n) for n in self.model.free]
-        grads = [per_row(grad_natural[n], n) for n in self.model.free]
-        grad_norm = torch.cat(grads, 1).norm(dim=1) if grads else mean_nll.new_zeros(count)
+        free = self.model.free
         weight = self.row_weight(rows).to(mean_nll)
-        return torch.cat([torch.stack([mean_nll * weight, mean_nll, grad_norm], 1), *values, *grads], 1)
+        if not free:
+            return torch.stack([mean_nll * weight, mean_nll, mean_nll.new_zeros(count)], 1)
+        # a held parameter's value (and its partial derivative) is one for all rows
+        values = _per_row([natural[n].expand(count, 1, *self.model.shapes[n]) for n in free], count)
+        grads = _per_row([grad_natural[n].expand(count, 1, *self.model.shapes[n]) for n in free], count)
+        return torch.cat([torch.stack([mean_nll * weight, mean_nll, grads.norm(dim=1)], 1), values, grads], 1)
 
     # --- for the seed's SGD rule and for Newton's method ---
 
