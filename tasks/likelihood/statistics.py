@@ -300,12 +300,15 @@ class ExactData:
         def tensor(value) -> Tensor:
             return torch.as_tensor(value, dtype=self.values.dtype, device=self.values.device)
 
+        # the chunks' moments merged in the walk's own arrays (on the CPU, NumPy's operations on
+        # a few values cost a fraction of torch's), made tensors at the end
         stack = np.stack if cpu else torch.stack
-        totals = tensor(stack(chunk_totals))
+        totals = stack(chunk_totals)
         for j, transform in enumerate(wanted):
-            sums, squares = (tensor(stack(p)) for p in zip(*parts[j], strict=True))
+            sums, squares = (stack(p) for p in zip(*parts[j], strict=True))
             centres = sums / (totals + (totals == 0))  # a chunk of zero weights has sums 0, not NaN
-            self.cache[transform] = _merge(totals, tensor(shifts[j]), centres, squares - totals * centres * centres)
+            merged = _merge(totals, shifts[j], centres, squares - totals * centres * centres)
+            self.cache[transform] = Moments(*(tensor(value) for value in merged))
         if with_range:
             self.cache["range"] = (tensor(low), tensor(high))
 
@@ -395,11 +398,12 @@ def _each_chunk(count: int, work: Callable[[int, VectorisedNumPy], None]) -> Non
         raise failures[0]
 
 
-def _merge(totals: Tensor, shift: Tensor, centres: Tensor, m2s: Tensor) -> Moments:
-    """The chunks' moments (stacked along the first dimension) about a common shift, as one."""
+def _merge(totals: Any, shift: Any, centres: Any, m2s: Any) -> tuple[Any, Any, Any, Any]:
+    """The chunks' moments (stacked along the first dimension) about a common shift, as one:
+    total, shift, centre and m2 (see Moments), in the arrays' own kind (NumPy's or torch's)."""
     total = totals.sum(0)
-    centre = (totals * centres).sum(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return Moments(total, shift, centre, m2s.sum(0) + (totals * (centres - centre) ** 2).sum(0))
+    centre = (totals * centres).sum(0) / (total + (total == 0))
+    return total, shift, centre, m2s.sum(0) + (totals * (centres - centre) ** 2).sum(0)
 
 
 def weighted_sum(t: Tensor, w: Tensor | None) -> Tensor:
