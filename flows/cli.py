@@ -499,9 +499,10 @@ def plots_after_the_answer(errors: TextIO, after_exit: bool = False) -> Iterator
     """The fits' figures rendered and logged when the command has answered
     (nllflow.tracking.deferred), a line on `errors` for a run whose figures could not be. With
     `after_exit`, in a child process after the command has exited (`_render_after_exit`)."""
+    from nllflow.flows.server import figures_lock
     from nllflow.tracking import deferred
 
-    deferred.start()
+    deferred.start(figures_lock())
     try:
         yield
     finally:

@@ -61,10 +61,19 @@ UNUSED_PROBE_SECONDS = 0.5
 RUNNER_WAIT_SECONDS = 30.0
 # how often the supervisor looks at the idle time, at most (and a tenth of the idle time, at least)
 CHECK_SECONDS = 30.0
+# how long `nllflow server stop` waits for figures still being rendered (about a second a fit
+# here; a renderer gives up after 10 minutes) before it stops them with the server
+RENDER_WAIT_SECONDS = 120.0
 
 
 def server_dir() -> Path:
     return nllflow_home() / "server"
+
+
+def figures_lock() -> Path:
+    """Shared-locked while a command owes figures (nllflow.tracking.deferred): the warm runner's
+    child that renders them is in the server's process group, which a stop ends."""
+    return server_dir() / "figures.lock"
 
 
 def state_file() -> Path:
@@ -331,8 +340,8 @@ def _let_go(lease: Lease) -> None:
 
 
 def _unused_within(handle: Any, seconds: float) -> bool:
-    """Whether the use lock `handle` could be taken exclusively (no command holds it) within
-    `seconds`; it stays taken until `handle` is closed."""
+    """Whether the lock file `handle` (the use lock, the figures lock) could be taken exclusively
+    (no process holds it shared) within `seconds`; it stays taken until `handle` is closed."""
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -396,7 +405,9 @@ def stop() -> dict[str, Any] | None:
         if state is None:
             return None
         was_running = running(state)
-        _stop_group(state)
+        with open(figures_lock(), "a") as figures:
+            _unused_within(figures, RENDER_WAIT_SECONDS)
+            _stop_group(state)
         _forget(state)
     return state if was_running else None
 
@@ -481,13 +492,15 @@ def supervise(port: int, minutes: float) -> int:
         last = folder / "last-used"
         if last.exists() and time.time() - last.stat().st_mtime < minutes * 60:
             continue
-        handle = open(folder / "use.lock", "a")
+        handle, figures = open(folder / "use.lock", "a"), open(figures_lock(), "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a command is using the server
+            fcntl.flock(figures, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a command is using the server, or its figures are being rendered
             handle.close()
+            figures.close()
             continue
-        with handle:
+        with handle, figures:
             if not last.exists() or time.time() - last.stat().st_mtime >= minutes * 60:
                 print(f"supervisor {os.getpid()}: idle for {minutes:g} min, stopping", flush=True)
                 finish()

@@ -5,25 +5,33 @@ user waits for the estimates, not the PNGs. Where the CLI says so (`start`), the
 run without its figures, tagged as pending, and queues them here; the CLI renders and logs them
 once it has printed its answer (the warm runner's child once the command has its exit status; a
 command in its own process forks a child for them and exits).
-A process that is killed first leaves the runs tagged: the figures are late, never silently
-dropped. Without it (the API, a Prefect worker, a Dask worker) figures are logged at once.
+While jobs wait or run, the process (and a child it forks for them) holds a shared lock on the
+file given to `start`: `nllflow server stop` waits for it before it ends the warm runner's
+children with the server. A process that is killed first leaves the runs tagged: the figures are
+late, never silently dropped. Without it (the API, a Prefect worker, a Dask worker) figures are
+logged at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import threading
-from typing import Callable
+from pathlib import Path
+from typing import IO, Callable
 
 _queue: list[Callable[[], None]] | None = None
 _lock = threading.Lock()
+_owed: Path | None = None  # the lock file that says figures are owed
+_held: IO | None = None  # its handle, shared-locked from the first queued job until they have run
 
 
-def start() -> None:
-    """Defer from now on in this process, until `run_deferred`."""
-    global _queue
+def start(owed: Path | None = None) -> None:
+    """Defer from now on in this process, until `run_deferred`; from the first job queued until
+    they have run, hold a shared lock on `owed` (a fork's child holds it with the process)."""
+    global _queue, _owed
     with _lock:
         if _queue is None:
-            _queue = []
+            _queue, _owed = [], owed
 
 
 def deferring() -> bool:
@@ -37,8 +45,13 @@ def pending() -> bool:
 
 def later(job: Callable[[], None]) -> None:
     """Queue `job` for `run_deferred`; run it now when nothing defers (any more)."""
+    global _held
     with _lock:
         if _queue is not None:
+            if _owed is not None and _held is None:
+                _owed.parent.mkdir(parents=True, exist_ok=True)
+                _held = open(_owed, "a")
+                fcntl.flock(_held, fcntl.LOCK_SH)
             _queue.append(job)
             return
     job()
@@ -47,13 +60,19 @@ def later(job: Callable[[], None]) -> None:
 def run_deferred() -> list[str]:
     """Run the queued jobs in order and stop deferring; one line per job that failed (the others
     still run)."""
-    global _queue
+    global _queue, _held
     with _lock:
         jobs, _queue = _queue or [], None
     failures = []
-    for job in jobs:
-        try:
-            job()
-        except Exception as error:
-            failures.append(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+    try:
+        for job in jobs:
+            try:
+                job()
+            except Exception as error:
+                failures.append(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+    finally:
+        with _lock:
+            held, _held = _held, None
+        if held is not None:
+            held.close()
     return failures

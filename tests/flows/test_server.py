@@ -253,6 +253,31 @@ def test_a_command_in_its_own_process_exits_and_its_figures_follow(env, home):
     assert not (folder / "plots.log").exists()  # no failure recorded
 
 
+def test_server_stop_waits_for_the_figures_the_warm_runner_renders(env, home):
+    """Through the warm runner a fit's figures are rendered by the runner's child after the answer,
+    in the server's process group; `nllflow server stop` right after the answer ends that group,
+    but only once the figures are logged and the pending tag is gone."""
+    from mlflow import MlflowClient
+
+    from nllflow.tracking.recorder import PLOTS_PENDING_TAG
+
+    folder, seen = home
+    _fit(env)
+    seen.add(_state(folder)["pid"])
+    _wait_for_runner(folder)
+    served = _runner_children(folder)
+    result = _fit(env)
+    assert _runner_children(folder) == served + 1  # its figures were rendered in the runner's child
+    stopped = _nllflow(env, "server", "stop")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(result["run_id"])
+    assert PLOTS_PENDING_TAG not in run.data.tags and run.info.status == "FINISHED"
+    plots = {
+        Path(a.path).name for a in MlflowClient(env["MLFLOW_TRACKING_URI"]).list_artifacts(result["run_id"], "plots")
+    }
+    assert plots == {"loss.png", "density.png", "cdf.png", "pp.png", "qq.png"}
+
+
 def test_a_stale_state_file_is_replaced(env, home):
     folder, seen = home
     claim = (
