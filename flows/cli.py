@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 from nllflow.errors import InputError
@@ -499,15 +500,21 @@ def plots_after_the_answer(errors: TextIO, after_exit: bool = False) -> Iterator
     """The fits' figures rendered and logged when the command has answered
     (nllflow.tracking.deferred), a line on `errors` for a run whose figures could not be. With
     `after_exit`, in a child process after the command has exited (`_render_after_exit`)."""
-    from nllflow.flows.server import figures_lock
     from nllflow.tracking import deferred
 
-    deferred.start(figures_lock())
+    deferred.start(_figures_lock)
     try:
         yield
     finally:
         if not (after_exit and deferred.pending() and _render_after_exit()):
             _render_deferred_plots(errors)
+
+
+def _figures_lock() -> Path:
+    # (the server module's imports, a fifth of a second, only for a command that owes figures)
+    from nllflow.flows.server import figures_lock
+
+    return figures_lock()
 
 
 # a renderer still busy after this long is stuck: it ends, its runs stay tagged pending

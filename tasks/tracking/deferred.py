@@ -6,7 +6,7 @@ run without its figures, tagged as pending, and queues them here; the CLI render
 once it has printed its answer (the warm runner's child once the command has its exit status; a
 command in its own process forks a child for them and exits).
 While jobs wait or run, the process (and a child it forks for them) holds a shared lock on the
-file given to `start`: `nllflow server stop` waits for it before it ends the warm runner's
+file that `start`'s argument names: `nllflow server stop` waits for it before it ends the warm runner's
 children with the server. A process that is killed first leaves the runs tagged: the figures are
 late, never silently dropped. Without it (the API, a Prefect worker, a Dask worker) figures are
 logged at once.
@@ -21,13 +21,15 @@ from typing import IO, Callable
 
 _queue: list[Callable[[], None]] | None = None
 _lock = threading.Lock()
-_owed: Path | None = None  # the lock file that says figures are owed
+_owed: Callable[[], Path] | None = None  # the lock file that says figures are owed
 _held: IO | None = None  # its handle, shared-locked from the first queued job until they have run
 
 
-def start(owed: Path | None = None) -> None:
+def start(owed: Callable[[], Path] | None = None) -> None:
     """Defer from now on in this process, until `run_deferred`; from the first job queued until
-    they have run, hold a shared lock on `owed` (a fork's child holds it with the process)."""
+    they have run, hold a shared lock on the file `owed()` names (a fork's child holds it with the
+    process). Called once the first job is queued: a command that records nothing never works out
+    where it is."""
     global _queue, _owed
     with _lock:
         if _queue is None:
@@ -49,8 +51,9 @@ def later(job: Callable[[], None]) -> None:
     with _lock:
         if _queue is not None:
             if _owed is not None and _held is None:
-                _owed.parent.mkdir(parents=True, exist_ok=True)
-                _held = open(_owed, "a")
+                path = _owed()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _held = open(path, "a")
                 fcntl.flock(_held, fcntl.LOCK_SH)
             _queue.append(job)
             return
